@@ -1,0 +1,32 @@
+"""Shared command-line plumbing: errors the user can fix become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from jaxnorm.checkpoint import CheckpointError
+from jaxnorm.config import ConfigError
+from jaxnorm.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def run_main(main: Callable[[], object], extra_errors: tuple = ()) -> None:
+    """Call `main`; print known errors as `error: ...` on stderr and exit 2 (130 on Ctrl-C)."""
+    try:
+        main()
+    except USER_ERRORS + extra_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one `error:` line (usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")

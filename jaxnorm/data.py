@@ -1,0 +1,222 @@
+"""Datasets as uint8 NHWC arrays with int32 labels, and augmentation as jittable array functions.
+
+Sources, in the order `load_dataset` tries them:
+  * a local copy named by `--data-dir`: the official archives (`cifar-10-binary.tar.gz`,
+    `cifar-10-python.tar.gz`), their extracted folders, or a folder holding one of those;
+  * TFDS (`tfds.data_source`, no TensorFlow needed), in `--data-dir`, `$TFDS_DATA_DIR` or
+    ~/tensorflow_datasets, downloading when the machine has a network;
+  * `synthetic`: small generated images for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import socket
+import tarfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+_CIFAR_BIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+_CIFAR_PY_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where TFDS's cifar10 builder downloads from
+OFFLINE_HELP = ("download the official archive (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz "
+                "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH")
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found or read; the command line prints its message as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    train_images: np.ndarray  # (N, H, W, C) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple
+    source: str  # where it came from, for logs and reports
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.train_images.shape[1:])
+
+    def channel_stats(self) -> tuple[tuple, tuple]:
+        """Per-channel mean and std of the training images, in [0, 1] units."""
+        x = self.train_images.reshape(-1, self.train_images.shape[-1]).astype(np.float64) / 255.0
+        return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, *, synthetic_size=(512, 256)) -> Dataset:
+    if name == "synthetic":
+        return synthetic_dataset(*synthetic_size)
+    if name != "cifar10":
+        raise DataError(f"unknown dataset {name!r}")
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise DataError(f"--data-dir {data_dir} does not exist")
+        local = find_cifar10_archive(path)
+        if local is not None:
+            return read_cifar10_archive(local)
+        if path.is_file():
+            raise DataError(f"{data_dir} is not a CIFAR-10 archive (expected cifar-10-binary.tar.gz or "
+                            "cifar-10-python.tar.gz)")
+    return load_tfds_cifar10(data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official CIFAR-10 archives.
+
+
+def find_cifar10_archive(path: Path) -> Optional[Path]:
+    """`path` itself or a CIFAR-10 archive or extracted batch folder directly inside it."""
+    candidates = [path] if path.is_file() else [
+        path, path / "cifar-10-batches-bin", path / "cifar-10-batches-py",
+        path / "cifar-10-binary.tar.gz", path / "cifar-10-python.tar.gz"]
+    for candidate in candidates:
+        if candidate.is_file() and tarfile.is_tarfile(candidate):
+            return candidate
+        if candidate.is_dir() and (any((candidate / f).is_file() for f in _CIFAR_BIN_FILES) or
+                                   any((candidate / f).is_file() for f in _CIFAR_PY_FILES)):
+            return candidate
+    return None
+
+
+def read_cifar10_archive(path: Path) -> Dataset:
+    """Read the official binary or python CIFAR-10 layout, from a .tar.gz or an extracted folder."""
+    files = _read_archive_files(path)  # basename -> bytes
+    if all(f in files for f in _CIFAR_BIN_FILES):
+        splits = [_parse_cifar_bin(files[f], f) for f in _CIFAR_BIN_FILES]
+        meta = files.get("batches.meta.txt", b"").decode().split()
+    elif all(f in files for f in _CIFAR_PY_FILES):
+        splits = [_parse_cifar_py(files[f], f) for f in _CIFAR_PY_FILES]
+        meta = [n.decode() if isinstance(n, bytes) else n for n in
+                _unpickle(files["batches.meta"]).get(b"label_names", [])] if "batches.meta" in files else []
+    else:
+        raise DataError(f"{path} is not a CIFAR-10 archive: it lacks data_batch_1..5 and test_batch")
+    train_images = np.concatenate([s[0] for s in splits[:5]])
+    train_labels = np.concatenate([s[1] for s in splits[:5]])
+    names = tuple(meta) if len(meta) == 10 else CIFAR10_CLASSES
+    return Dataset(train_images, train_labels, *splits[5], class_names=names, source=str(path))
+
+
+def _read_archive_files(path: Path) -> dict:
+    wanted = set(_CIFAR_BIN_FILES + _CIFAR_PY_FILES + ["batches.meta.txt", "batches.meta"])
+    try:
+        if path.is_dir():
+            return {f: (path / f).read_bytes() for f in wanted if (path / f).is_file()}
+        with tarfile.open(path) as tar:
+            return {os.path.basename(m.name): tar.extractfile(m).read() for m in tar.getmembers()
+                    if m.isfile() and os.path.basename(m.name) in wanted}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _parse_cifar_bin(raw: bytes, name: str):
+    record = 1 + 32 * 32 * 3  # label byte, then R, G and B planes, row-major
+    if len(raw) == 0 or len(raw) % record:
+        raise DataError(f"{name} is not a CIFAR-10 binary batch ({len(raw)} bytes)")
+    rows = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), rows[:, 0].astype(np.int32)
+
+
+def _unpickle(raw: bytes) -> dict:
+    try:
+        return pickle.loads(raw, encoding="bytes")
+    except Exception as e:  # a corrupt pickle can raise nearly anything
+        raise DataError(f"cannot unpickle CIFAR-10 batch: {e}") from None
+
+
+def _parse_cifar_py(raw: bytes, name: str):
+    batch = _unpickle(raw)
+    images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(batch[b"labels"], np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS.
+
+
+def load_tfds_cifar10(data_dir: Optional[str]) -> Dataset:
+    """CIFAR-10 through TFDS (array_record data source, so no TensorFlow is needed)."""
+    import tensorflow_datasets as tfds  # heavy import, only on this path
+
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    where = data_dir or "~/tensorflow_datasets"
+    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared() and not _can_reach(CIFAR10_DOWNLOAD_HOST):
+        # Fail at once: TFDS would otherwise retry the download for minutes before giving up.
+        raise DataError(f"CIFAR-10 is not in {where} and this machine cannot reach {CIFAR10_DOWNLOAD_HOST} "
+                        f"to download it; {OFFLINE_HELP}")
+    try:
+        sources = tfds.data_source("cifar10", split=["train", "test"], data_dir=data_dir, download=True,
+                                   builder_kwargs={"file_format": "array_record"})
+    except Exception as e:  # no network, a half-prepared folder, ...: say what to do instead
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"CIFAR-10 is not in {where} and TFDS could not download it ({reason}); "
+                        f"{OFFLINE_HELP}") from None
+    (train_x, train_y), (test_x, test_y) = [_source_to_arrays(s) for s in sources]
+    return Dataset(train_x, train_y, test_x, test_y, CIFAR10_CLASSES, source=f"tfds:cifar10 ({data_dir or 'default dir'})")
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _source_to_arrays(source: Sequence[dict]):
+    records = source.__getitems__(range(len(source))) if hasattr(source, "__getitems__") else list(source)
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data: each class a colour tint plus noise, so a few steps of training make progress.
+
+
+def synthetic_dataset(num_train: int = 512, num_test: int = 256, image_shape=(32, 32, 3),
+                      num_classes: int = 10, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    tints = rng.uniform(40, 215, size=(num_classes, 1, 1, image_shape[-1]))
+
+    def make(n):
+        labels = rng.integers(0, num_classes, n).astype(np.int32)
+        noise = rng.normal(0, 40, size=(n, *image_shape))
+        return np.clip(tints[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    return Dataset(*make(num_train), *make(num_test), tuple(f"class{i}" for i in range(num_classes)),
+                   source="synthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation, inside the compiled step.
+
+
+def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, crop_padding: int = 0) -> jax.Array:
+    """Random horizontal flip (and pad-and-crop) of an NHWC batch, one draw per image."""
+    flip_key, crop_key = jax.random.split(key)
+    if flip:
+        do_flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
+        images = jnp.where(do_flip, images[:, :, ::-1, :], images)
+    if crop_padding:
+        n, h, w, _ = images.shape
+        p = crop_padding
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+        offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+        images = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
+            padded, offsets)
+    return images

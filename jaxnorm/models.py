@@ -1,0 +1,91 @@
+"""The seed CNN for CIFAR-10, with the norm layer chosen once by name and injected.
+
+C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10: 3x3 convs (no bias) each followed by norm, ReLU and
+dropout; c3/c6 are 1x1 transitions followed by 2x2 max pooling; c10 is a 1x1 conv to the logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxnorm.config import Config, ConfigError
+
+
+def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.Module]:
+    """The normalisation layer for `norm`, as a constructor taking only `name=`."""
+    if norm == "bn":
+        # Running statistics live in the mutable `batch_stats` collection; evaluation uses them.
+        return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    if norm == "gn":
+        return functools.partial(nn.GroupNorm, num_groups=groups, epsilon=1e-5)
+    if norm == "ln":
+        # Each sample normalised over C, H and W, with a per-channel scale and bias (the seeds' choice;
+        # not torch's elementwise-affine LayerNorm over C, H and W).
+        return functools.partial(nn.LayerNorm, reduction_axes=(-3, -2, -1), feature_axes=-1, epsilon=1e-5)
+    raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
+
+
+class SeedCNN(nn.Module):
+    """The seed network. Input: uint8 or float NHWC images in [0, 255]; output: logits."""
+
+    norm: str = "bn"
+    groups: int = 8
+    width: int = 24
+    transition_width: int = 16
+    dropout: float = 0.05
+    skip: bool = False
+    num_classes: int = 10
+    # Per-channel statistics of the training set, so the model owns its input normalisation.
+    input_mean: Sequence[float] = (0.0, 0.0, 0.0)
+    input_std: Sequence[float] = (1.0, 1.0, 1.0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = norm_layer(self.norm, train=train, groups=self.groups)
+        x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
+
+        def conv(x, name):  # 3x3 conv -> norm -> ReLU -> dropout, residual where the shapes allow
+            y = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name=name)(x)
+            y = nn.relu(norm(name=f"{name}_norm")(y))
+            y = nn.Dropout(self.dropout, deterministic=not train)(y)
+            return x + y if self.skip and x.shape[-1] == y.shape[-1] else y
+
+        def transition(x, name):  # 1x1 conv then 2x2 max pool
+            x = nn.Conv(self.transition_width, (1, 1), use_bias=False, name=name)(x)
+            return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+        x = conv(x, "C1")
+        x = conv(x, "C2")
+        x = transition(x, "c3")  # + P1
+        x = conv(x, "C3")
+        x = conv(x, "C4")
+        x = conv(x, "C5")
+        x = transition(x, "c6")  # + P2
+        x = conv(x, "C7")
+        x = conv(x, "C8")
+        x = conv(x, "C9")
+        x = jnp.mean(x, axis=(1, 2), keepdims=True)  # GAP
+        x = nn.Conv(self.num_classes, (1, 1), use_bias=False, name="c10")(x)
+        return x.reshape(x.shape[0], self.num_classes)
+
+
+def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
+    """The model a config describes; `input_mean`/`input_std` are the training set's, in [0, 1] units."""
+    config.validate()
+    return SeedCNN(norm=config.norm, groups=config.groups, width=config.width,
+                   transition_width=config.transition_width, dropout=config.dropout, skip=config.skip,
+                   input_mean=tuple(input_mean), input_std=tuple(input_std))
+
+
+def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
+    """Parameters (and `batch_stats` for BatchNorm) for one image of `image_shape` (H, W, C)."""
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CIFAR_SUBSET = SHARED_DATA / "cifar10-subset" / "cifar-10-binary.tar.gz"
+sys.path.insert(0, str(ROOT))
+
+from jaxnorm.config import Config  # noqa: E402
+from jaxnorm.data import synthetic_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """64 train / 32 test synthetic 16x16 RGB images: enough to learn from in a few steps."""
+    return synthetic_dataset(64, 32, image_shape=(16, 16, 3))
+
+
+@pytest.fixture
+def tiny_config():
+    """A small, fast network and schedule for the tiny data."""
+    return Config(dataset="synthetic", width=8, transition_width=8, groups=4, batch_size=16, epochs=2,
+                  lr=0.05, dropout=0.0, eval_batch_size=32)
+
+
+def run_script(name, *args, timeout=300):
+    """Run scripts/<name> in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

@@ -1,0 +1,94 @@
+import io
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CIFAR_SUBSET
+from jaxnorm.data import DataError, augment, load_dataset, read_cifar10_archive
+
+needs_subset = pytest.mark.skipif(not CIFAR_SUBSET.exists(), reason="../shared/data not present")
+
+
+@needs_subset
+def test_reads_the_shared_cifar10_subset_archive():
+    data = load_dataset("cifar10", str(CIFAR_SUBSET))
+    assert data.train_images.shape == (5085, 32, 32, 3) and data.train_images.dtype == np.uint8
+    assert data.test_images.shape == (1017, 32, 32, 3)
+    assert data.train_labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert data.test_labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert data.class_names[0] == "airplane" and data.class_names[9] == "truck"
+    assert set(np.unique(data.train_labels)) == set(range(10))
+
+
+@needs_subset
+def test_extracted_folder_reads_the_same_as_the_archive(tmp_path):
+    with tarfile.open(CIFAR_SUBSET) as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = load_dataset("cifar10", str(tmp_path))  # finds cifar-10-batches-bin inside
+    archive = read_cifar10_archive(CIFAR_SUBSET)
+    np.testing.assert_array_equal(folder.train_images, archive.train_images)
+    np.testing.assert_array_equal(folder.test_labels, archive.test_labels)
+
+
+def _python_archive(path, images, labels):
+    import pickle
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            raw = pickle.dumps({b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1),
+                                b"labels": labels.tolist()})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def test_reads_the_python_archive_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    _python_archive(tmp_path / "cifar-10-python.tar.gz", images, np.array([1, 2, 3]))
+    data = load_dataset("cifar10", str(tmp_path / "cifar-10-python.tar.gz"))
+    assert data.train_images.shape == (15, 32, 32, 3)
+    np.testing.assert_array_equal(data.test_images, images)  # the NCHW -> NHWC transpose is right
+    assert data.test_labels.tolist() == [1, 2, 3]
+
+
+def test_missing_path_and_foreign_file_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("cifar10", str(tmp_path / "nope"))
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="not a CIFAR-10 archive"):
+        load_dataset("cifar10", str(junk))
+
+
+def test_offline_tfds_without_local_copy_says_what_to_do(tmp_path, monkeypatch):
+    import jaxnorm.data as data
+    monkeypatch.setattr(data, "_can_reach", lambda host, **kw: False)
+    with pytest.raises(DataError, match="--data-dir"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_channel_stats_are_per_channel_in_unit_range(tiny_data):
+    mean, std = tiny_data.channel_stats()
+    x = tiny_data.train_images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, x.mean((0, 1, 2)))
+    np.testing.assert_allclose(std, x.std((0, 1, 2)))
+
+
+def test_flip_mirrors_a_random_half_and_keeps_the_rest():
+    images = np.arange(64 * 4 * 4 * 3, dtype=np.float32).reshape(64, 4, 4, 3)
+    out = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 16 < sum(flipped) < 48
+    again = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
+    np.testing.assert_array_equal(out, again)  # driven by the key alone
+
+
+def test_crop_shifts_images_within_the_padding():
+    images = np.random.default_rng(0).integers(0, 255, (32, 8, 8, 3)).astype(np.uint8)
+    out = np.asarray(augment(images, jax.random.PRNGKey(3), flip=False, crop_padding=2))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert any(not np.array_equal(o, i) for o, i in zip(out, images))

@@ -1,0 +1,85 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnorm.config import WIDTH_PRESETS, Config, ConfigError
+from jaxnorm.models import build_model, count_params, init_variables
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_seed_preset_has_exactly_34872_parameters(norm):
+    variables = init_variables(build_model(Config(norm=norm)), (32, 32, 3))
+    assert count_params(variables["params"]) == 34_872
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+@pytest.mark.parametrize("preset", sorted(WIDTH_PRESETS))
+def test_every_preset_stays_under_50k(norm, preset):
+    width, transition = WIDTH_PRESETS[preset]
+    config = Config(norm=norm, width=width, transition_width=transition, groups=4)
+    assert count_params(init_variables(build_model(config), (32, 32, 3))["params"]) < 50_000
+
+
+def test_skip_connections_keep_the_parameter_count_and_change_the_output():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), maxval=255)
+    plain, skip = build_model(Config(norm="gn")), build_model(Config(norm="gn", skip=True))
+    variables = init_variables(plain, (32, 32, 3))
+    assert count_params(init_variables(skip, (32, 32, 3))["params"]) == count_params(variables["params"])
+    assert not np.allclose(plain.apply(variables, x), skip.apply(variables, x))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_output_is_one_logit_per_class(norm):
+    model = build_model(Config(norm=norm))
+    variables = init_variables(model, (32, 32, 3))
+    logits = model.apply(variables, jnp.zeros((5, 32, 32, 3), jnp.uint8))
+    assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+
+
+def test_batchnorm_updates_batch_stats_in_training_only():
+    model = build_model(Config(norm="bn"))
+    variables = init_variables(model, (32, 32, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (8, 32, 32, 3), maxval=255)
+    _, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                             mutable=["batch_stats"])
+    changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
+                                     updates["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(changed))
+    _, updates = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    same = jax.tree_util.tree_map(np.array_equal, variables["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_batchnorm_evaluation_uses_running_statistics():
+    model = build_model(Config(norm="bn"))
+    variables = init_variables(model, (32, 32, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3), maxval=255)
+    # In evaluation a sample's logits must not depend on the rest of the batch.
+    np.testing.assert_allclose(model.apply(variables, x)[:1], model.apply(variables, x[:1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln"])
+def test_group_and_layer_norm_have_no_batch_stats(norm):
+    assert "batch_stats" not in init_variables(build_model(Config(norm=norm)), (32, 32, 3))
+
+
+def test_layernorm_normalises_each_sample_over_channels_and_space():
+    from jaxnorm.models import norm_layer
+    layer = norm_layer("ln", train=True)()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6)) * 3 + 1
+    y = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+    np.testing.assert_allclose(y.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=(1, 2, 3)), 1, atol=1e-3)
+    assert layer.init(jax.random.PRNGKey(0), x)["params"]["scale"].shape == (6,)
+
+
+@pytest.mark.parametrize("groups", [5, 7, 48])
+def test_group_count_that_does_not_divide_channels_is_rejected(groups):
+    with pytest.raises(ConfigError, match=f"--groups {groups} does not divide"):
+        Config(norm="gn", groups=groups).validate()
+
+
+def test_unknown_norm_is_rejected():
+    with pytest.raises(ConfigError, match="unknown norm 'xn'"):
+        build_model(Config(norm="xn"))

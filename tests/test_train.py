@@ -1,0 +1,109 @@
+import jax
+import numpy as np
+import pytest
+
+from jaxnorm import parallel
+from jaxnorm.checkpoint import RunCheckpoints, abstract_like
+from jaxnorm.config import ConfigError
+from jaxnorm.models import build_model
+from jaxnorm.train import (TrainingError, create_train_state, logit_metrics, make_epoch_order,
+                           make_predict, make_train_step, train_and_evaluate)
+
+
+def _setup(config, data):
+    mesh = parallel.make_mesh()
+    model = build_model(config, *data.channel_stats())
+    steps = len(data.train_images) // config.batch_size
+    state = jax.device_put(create_train_state(model, config, data.image_shape, steps), parallel.replicated(mesh))
+    return mesh, state
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_a_few_steps_drive_the_loss_down(norm, tiny_config, tiny_data):
+    config = tiny_config.replace(norm=norm, batch_size=32, lr=0.1)
+    mesh, state = _setup(config, tiny_data)
+    step = make_train_step(config, mesh)
+    images, labels = (parallel.put_replicated(a, mesh) for a in (tiny_data.train_images, tiny_data.train_labels))
+    order = np.arange(32, dtype=np.int32)[None]  # the same batch every step
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, images, labels, order, 0)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 20
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_epoch_order_is_a_permutation_that_changes_per_epoch(tiny_config):
+    order = make_epoch_order(tiny_config.replace(batch_size=10), parallel.make_mesh(), 64)
+    first, second = np.asarray(order(0)), np.asarray(order(1))
+    assert first.shape == (6, 10) and len(set(first.ravel())) == 60 and first.max() < 64
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, np.asarray(order(0)))
+
+
+def test_predict_handles_a_ragged_last_batch(tiny_config, tiny_data):
+    mesh, state = _setup(tiny_config, tiny_data)
+    images = tiny_data.test_images[:13]
+    logits = make_predict(mesh, 8)(state, images)
+    direct = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images)
+    np.testing.assert_allclose(logits, direct, atol=1e-5)
+
+
+def test_logit_metrics_match_a_direct_computation():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    labels = np.array([0, 0, 0])
+    m = logit_metrics(logits, labels)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    expected = -np.mean([np.log(np.exp(r[0]) / np.exp(r).sum()) for r in logits])
+    assert m["loss"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_checkpoint_restore_gives_identical_evaluation(norm, tiny_config, tiny_data, tmp_path):
+    config = tiny_config.replace(norm=norm, epochs=1)
+    result = train_and_evaluate(config, tmp_path, dataset=tiny_data, progress=False)
+    mesh, fresh = _setup(config, tiny_data)
+    checkpoints = RunCheckpoints(tmp_path, read_only=True)
+    restored, meta = checkpoints.restore(checkpoints.latest_step(), abstract_like(fresh, parallel.replicated(mesh)))
+    predict = make_predict(mesh, 32)
+    np.testing.assert_array_equal(predict(restored, tiny_data.test_images),
+                                  predict(result["state"], tiny_data.test_images))
+    assert meta["config"]["norm"] == norm and len(meta["history"]) == 1
+
+
+def test_resume_continues_step_schedule_and_history(tiny_config, tiny_data, tmp_path):
+    config = tiny_config.replace(epochs=3)
+    straight = train_and_evaluate(config, tmp_path / "straight", dataset=tiny_data, progress=False)
+    train_and_evaluate(config.replace(epochs=1), tmp_path / "resumed", dataset=tiny_data, progress=False)
+    resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_data, progress=False)
+    assert int(resumed["state"].step) == int(straight["state"].step) == 3 * 4
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"]):
+        for key in ("lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_same_seed_same_result(tiny_config, tiny_data, tmp_path):
+    a = train_and_evaluate(tiny_config, tmp_path / "a", dataset=tiny_data, progress=False)
+    b = train_and_evaluate(tiny_config, tmp_path / "b", dataset=tiny_data, progress=False)
+    c = train_and_evaluate(tiny_config.replace(seed=1), tmp_path / "c", dataset=tiny_data, progress=False)
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["history"][-1]["train_loss"] != c["history"][-1]["train_loss"]
+
+
+def test_existing_run_is_never_overwritten_without_resume(tiny_config, tiny_data, tmp_path):
+    train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
+
+
+def test_resume_with_another_norm_names_the_difference(tiny_config, tiny_data, tmp_path):
+    train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
+    with pytest.raises(ConfigError, match="norm 'bn' -> 'gn'"):
+        train_and_evaluate(tiny_config.replace(norm="gn"), tmp_path, resume=True, dataset=tiny_data,
+                           progress=False)
+
+
+def test_batch_larger_than_the_training_set_is_rejected(tiny_config, tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="larger than the 64 training images"):
+        train_and_evaluate(tiny_config.replace(batch_size=128), tmp_path, dataset=tiny_data, progress=False)
