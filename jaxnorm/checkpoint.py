@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -81,4 +83,5 @@ class RunCheckpoints:
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """Shapes and dtypes of `tree` with every leaf placed by `sharding`: the target of a restore."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), tree)

@@ -14,11 +14,28 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jaxnorm.config import ConfigError
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+def make_mesh(batch_size: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D `data` mesh over every device (see `devices_for_batch` for the CPU exception)."""
+    n = devices_for_batch(batch_size) if batch_size else jax.device_count()
     # Auto axes: the compiler propagates shardings from the jit boundaries; nothing in the model
     # needs sharding-aware indexing.
-    n = num_devices or jax.device_count()
     return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def devices_for_batch(batch_size: int) -> int:
+    """How many devices a global batch of `batch_size` is split over.
+
+    Accelerators: all of them, and a batch they do not divide is an error. CPU "devices" are the
+    cores we split the host into ourselves (see jaxnorm/__init__.py), an implementation detail the
+    user never chose: there the most that divide the batch are used.
+    """
+    n = jax.device_count()
+    if jax.default_backend() == "cpu":
+        return max(d for d in range(1, n + 1) if batch_size % d == 0)
+    if batch_size % n:
+        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                          f"{n} devices in use")
+    return n
 
 
 def replicated(mesh) -> NamedSharding:
@@ -27,13 +44,6 @@ def replicated(mesh) -> NamedSharding:
 
 def data_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
-
-
-def check_batch_divides(batch_size: int, mesh, what: str = "--batch-size") -> None:
-    n = mesh.devices.size
-    if batch_size % n:
-        raise ConfigError(f"{what} {batch_size} is the global batch and must be divisible by the "
-                          f"{n} devices in use")
 
 
 def put_replicated(array: np.ndarray, mesh) -> jax.Array:

@@ -166,8 +166,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     num_train = len(dataset.train_images)
     if config.batch_size > num_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")
-    mesh = parallel.make_mesh()
-    parallel.check_batch_divides(config.batch_size, mesh)
+    mesh = parallel.make_mesh(config.batch_size)
 
     input_mean, input_std = dataset.channel_stats()
     model = build_model(config, input_mean, input_std)

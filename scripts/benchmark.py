@@ -1,0 +1,131 @@
+"""Training and evaluation speed of the seed CNN on whatever devices JAX sees.
+
+    python scripts/benchmark.py                           # bn, gn, ln at batch 128, table printed last
+    python scripts/benchmark.py --norm gn --batch-size 256 --json bench.json
+
+For each norm: compile time; steady-state training throughput (median over repeats, compilation
+excluded); evaluation throughput; and one whole epoch of --epoch-images synthetic CIFAR-sized images
+through the same loop as training, against the sum of its steps (the host overhead).
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
+from jaxnorm.config import NORMS, Config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--epoch-images", type=int, default=50_000, help="images in the timed epoch")
+    p.add_argument("--json", help="also write the results here")
+    return p.parse_args(argv)
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_norm(norm, args):
+    import jax
+    import numpy as np
+
+    from jaxnorm import parallel
+    from jaxnorm.data import synthetic_dataset
+    from jaxnorm.models import build_model
+    from jaxnorm.train import create_train_state, make_epoch_order, make_predict, make_train_step
+
+    config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic").validate()
+    data = synthetic_dataset(args.epoch_images, 10_000)
+    mesh = parallel.make_mesh(config.batch_size)
+    steps_per_epoch = args.epoch_images // config.batch_size
+    model = build_model(config, *data.channel_stats())
+    state = jax.device_put(create_train_state(model, config, data.image_shape, steps_per_epoch),
+                           parallel.replicated(mesh))
+    images = parallel.put_replicated(data.train_images, mesh)
+    labels = parallel.put_replicated(data.train_labels, mesh)
+    order = make_epoch_order(config, mesh, args.epoch_images)(0)
+
+    step = make_train_step(config, mesh)
+    start = time.perf_counter()
+    step = step.lower(state, images, labels, order, 0).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(n):
+        nonlocal state
+        for i in range(n):
+            state, metrics = step(state, images, labels, order, i % steps_per_epoch)
+        jax.block_until_ready((state, metrics))
+
+    run(3)  # warm-up
+    step_s = timed(lambda: run(args.steps), args.repeats) / args.steps
+
+    predict = make_predict(mesh, config.eval_batch_size)
+    predict(state, data.test_images[:config.eval_batch_size])  # compile
+    eval_s = timed(lambda: predict(state, data.test_images), max(1, args.repeats // 2))
+
+    # One epoch through the training loop's pattern: dispatch every step, sync for the bar every 10.
+    def epoch():
+        nonlocal state
+        losses = []
+        for i in range(steps_per_epoch):
+            state, metrics = step(state, images, labels, order, i)
+            losses.append(metrics["loss"])
+            if (i + 1) % 10 == 0:
+                float(np.mean(jax.device_get(losses)))
+        jax.block_until_ready(state)
+
+    epoch_s = timed(epoch, 1)
+    return {"norm": norm, "batch_size": config.batch_size, "devices": mesh.devices.size,
+            "compile_s": compile_s, "train_images_per_s": config.batch_size / step_s,
+            "eval_images_per_s": len(data.test_images) / eval_s, "epoch_s": epoch_s,
+            "steps_sum_s": steps_per_epoch * step_s,
+            "epoch_overhead": (epoch_s - steps_per_epoch * step_s) / epoch_s}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import flax
+    import jax
+    import optax
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}) x {jax.device_count()} | jax {jax.__version__} "
+          f"flax {flax.__version__} optax {optax.__version__} | python {platform.python_version()} "
+          f"| {os.cpu_count()} CPU cores")
+    rows = []
+    for norm in args.norm:
+        rows.append(bench_norm(norm, args))
+        print(json.dumps(rows[-1]))
+    header = ("norm", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
+              "epoch s", "sum of steps s", "overhead")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append(f"| {r['norm']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
+                     f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
+                     f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['epoch_s']:.1f} | "
+                     f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device.device_kind), "platform": device.platform,
+                       "jax": jax.__version__, "results": rows}, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,63 @@
+"""Run by test_multidevice.py in a subprocess whose device count is fixed by XLA_FLAGS.
+
+    python tests/multidevice_worker.py OUT_DIR [RESTORE_RUN_DIR]
+
+Writes OUT_DIR/step.npz (parameters and batch statistics after one training step, per norm) and a
+short training run per norm in OUT_DIR/run-<norm>. With RESTORE_RUN_DIR, also restores that run's
+latest checkpoint here and writes its test logits to OUT_DIR/restored_logits.npy.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxnorm import parallel  # noqa: E402
+from jaxnorm.checkpoint import RunCheckpoints, abstract_like  # noqa: E402
+from jaxnorm.config import Config  # noqa: E402
+from jaxnorm.data import synthetic_dataset  # noqa: E402
+from jaxnorm.models import build_model  # noqa: E402
+from jaxnorm.train import create_train_state, make_predict, make_train_step, train_and_evaluate  # noqa: E402
+
+NORMS = ("bn", "gn", "ln")
+DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
+
+
+def config(norm):
+    return Config(norm=norm, dataset="synthetic", width=8, transition_width=8, groups=4, batch_size=16,
+                  epochs=2, eval_batch_size=32)
+
+
+def one_step(norm):
+    cfg = config(norm)
+    mesh = parallel.make_mesh(cfg.batch_size)
+    model = build_model(cfg, *DATA.channel_stats())
+    state = jax.device_put(create_train_state(model, cfg, DATA.image_shape, 4), parallel.replicated(mesh))
+    images, labels = (parallel.put_replicated(a, mesh) for a in (DATA.train_images, DATA.train_labels))
+    state, _ = make_train_step(cfg, mesh)(state, images, labels, np.arange(16, dtype=np.int32)[None], 0)
+    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})
+    return {f"{norm}{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in leaves}
+
+
+def main(out_dir, restore_dir=None):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"device_count": np.array(jax.device_count())}
+    for norm in NORMS:
+        arrays.update(one_step(norm))
+        train_and_evaluate(config(norm), out / f"run-{norm}", dataset=DATA, progress=False)
+    np.savez(out / "step.npz", **arrays)
+    if restore_dir:
+        cfg = config("bn")
+        mesh = parallel.make_mesh(cfg.batch_size)
+        template = create_train_state(build_model(cfg, *DATA.channel_stats()), cfg, DATA.image_shape, 4)
+        checkpoints = RunCheckpoints(restore_dir, read_only=True)
+        state, _ = checkpoints.restore(checkpoints.latest_step(), abstract_like(template, parallel.replicated(mesh)))
+        np.save(out / "restored_logits.npy", make_predict(mesh, 32)(state, DATA.test_images))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
