@@ -7,11 +7,27 @@ train the same model (up to float32 summation order), with no pmap, axis_name or
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxnorm.config import ConfigError
+
+
+def initialize_multihost() -> None:
+    """Join a multi-host job (TPU pod slice, SLURM, or an explicit coordinator), else do nothing.
+
+    Every host then runs the same program; the mesh spans all hosts' devices, each host feeds the
+    shards of the global batch that live on its own devices, and Orbax writes each checkpoint once.
+    """
+    env = os.environ
+    multihost = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+                
+                 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if multihost:
+        jax.distributed.initialize()
 
 
 def make_mesh(batch_size: int | None = None) -> jax.sharding.Mesh:

@@ -10,6 +10,7 @@ each step gathers its batch from it, augments it and updates the state inside on
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -124,7 +125,7 @@ def make_predict(mesh, batch_size: int):
     batch_size = math.ceil(batch_size / mesh.devices.size) * mesh.devices.size
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=rep)  # replicated: every host can read all logits
     def logits_of(state, x):
         x = jax.lax.with_sharding_constraint(x, shard)
         return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
@@ -137,7 +138,6 @@ def make_predict(mesh, batch_size: int):
                   for i in range(0, len(padded), batch_size)]
         return np.concatenate(jax.device_get(chunks))[:n]
 
-    del rep
     return predict
 
 
@@ -206,7 +206,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         order = epoch_order(epoch)
         start = time.perf_counter()
         losses, corrects = [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress or jax.process_index() != 0,
                    leave=False, unit="step")
         for i in bar:
             state, metrics = train_step(state, images, labels, order, i)
@@ -233,7 +234,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         history.append(record)
         checkpoints.save(int(state.step), state, {**meta, "history": history},
                          metrics={"test_accuracy": record["test_accuracy"]})
-        write_json(workdir / "metrics.json", history)
+        if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates the checkpoint
+            write_json(workdir / "metrics.json", history)
         tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
                    f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
                    f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "

@@ -64,9 +64,11 @@ def config_from_args(args) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     config = config_from_args(args)
+    from jaxnorm.parallel import initialize_multihost
     from jaxnorm.train import TrainingError, train_and_evaluate  # after validation: jax import is slow
 
     def run():
+        initialize_multihost()
         train_and_evaluate(config, args.workdir or os.path.join("checkpoints", config.norm),
                            resume=args.resume, progress=not args.no_progress)
 
