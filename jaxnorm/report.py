@@ -9,7 +9,9 @@ Everything here is measured from a checkpoint or computed from the model; nothin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -51,13 +53,14 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
     """
     from jaxnorm.train import create_train_state  # train imports report lazily; keep the cycle one-way
 
-    checkpoints = RunCheckpoints(workdir, read_only=True)
+    with _quiet_absl():  # Orbax warns on every read-only manager; the user asked for nothing wrong
+        checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
         if not checkpoints.all_steps():
             raise CheckpointError(f"{workdir} holds no checkpoints yet (empty {checkpoints.directory.name}/ "
                                   "folder): has the run finished an epoch?")
         if step is None:
-            step = checkpoints.best_step() or checkpoints.latest_step()
+            step = best_kept_step(checkpoints)
         meta = checkpoints.restore_meta(step)
         if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
             raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no config in it)")
@@ -71,6 +74,30 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
     finally:
         checkpoints.close()
     return RestoredRun(Path(workdir), int(step), config, meta, model, state, mesh)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def best_kept_step(checkpoints: RunCheckpoints) -> int:
+    """The kept checkpoint with the highest test accuracy, from the latest checkpoint's history.
+
+    (The manager's own best_step() needs `best_fn` in its options; the training run keeps the best
+    through a preservation policy instead, so the choice is made here from the recorded history.)
+    """
+    steps = checkpoints.all_steps()
+    latest = max(steps)
+    history = checkpoints.restore_meta(latest).get("history", [])
+    kept = [h for h in history if h.get("step") in steps and "test_accuracy" in h]
+    return max(kept, key=lambda h: h["test_accuracy"])["step"] if kept else latest
 
 
 def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset:
@@ -127,11 +154,10 @@ def format_metrics(metrics: dict, class_names: Sequence[str]) -> str:
     confusion = np.asarray(metrics["confusion_matrix"])
     for name, acc, count in zip(class_names, metrics["per_class_accuracy"], confusion.sum(1)):
         lines.append(f"{name:<{width}}  {'-' if acc is None else f'{acc:7.2%}':>8}  {count:5d}")
-    short = [c[:5] for c in class_names]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              f"{'':<{width}} " + " ".join(f"{s:>5}" for s in short)]
-    for name, row in zip(class_names, confusion):
-        lines.append(f"{name:<{width}} " + " ".join(f"{v:5d}" for v in row))
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by number)",
+              f"{'':<{width + 3}} " + " ".join(f"{i:>5}" for i in range(len(class_names)))]
+    for i, (name, row) in enumerate(zip(class_names, confusion)):
+        lines.append(f"{i:>2} {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
     return "\n".join(lines)
 
 
@@ -294,3 +320,37 @@ def format_mean_std(values: Sequence[float], percent: bool = True) -> str:
     if percent:
         return f"{m:.2%} ± {s:.2%}" if len(values) > 1 else f"{m:.2%}"
     return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The report files of one run.
+
+
+def run_title(run: RestoredRun, test_accuracy: float) -> str:
+    c = run.config
+    norm = {"bn": "BatchNorm", "gn": f"GroupNorm ({c.groups} groups)", "ln": "LayerNorm"}[c.norm]
+    return (f"{norm}{' + skip' if c.skip else ''} | {run.meta['num_params']:,} parameters | "
+            f"test accuracy {test_accuracy:.2%} (step {run.step})")
+
+
+def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols: int = 2,
+                     count: Optional[int] = None) -> dict:
+    """Evaluate `run` on `dataset` and write evaluation.json, misclassified.png and curves.png into its
+    folder. Returns the evaluation record (as written to evaluation.json)."""
+    from jaxnorm.train import write_json
+
+    results = evaluate_run(run, dataset)
+    title = run_title(run, results["test"]["accuracy"])
+    chosen = misclassified_grid(dataset.test_images, dataset.test_labels, results["test_logits"],
+                                dataset.class_names, run.workdir / "misclassified.png", rows=rows, cols=cols,
+                                count=count, title=title)
+    if run.history:
+        plot_curves({run.config.norm: [run.history]}, run.workdir / "curves.png", title=title)
+    record = {"workdir": str(run.workdir), "step": run.step, "epoch": len(run.history),
+              "config": run.config.to_dict(), "num_params": run.meta["num_params"],
+              "data_source": dataset.source, "class_names": list(dataset.class_names),
+              "train": results["train"], "test": results["test"],
+              "misclassified": [{**c, "true_name": dataset.class_names[c["true"]],
+                                 "predicted_name": dataset.class_names[c["predicted"]]} for c in chosen]}
+    write_json(run.workdir / "evaluation.json", record)
+    return record
