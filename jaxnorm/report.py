@@ -233,6 +233,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
                         label=f"{label} {split}")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

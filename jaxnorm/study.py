@@ -98,7 +98,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     data = describe_data(dataset_key, dataset)
     plot_curves({f"{NORM_NAMES[r['norm']]}{' + skip' if skip else ''}": [x["history"] for x in records[r["norm"]]]
                  for r in rows}, out / "curves.png",
-                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "")[:90])
+                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "").replace("`", "")[:100])
     config = records[rows[0]["norm"]][0]["config"]
     lines = [f"# Normalisation study{' (with skip connections)' if skip else ''}", "",
              f"Data: {data}.", ""]
