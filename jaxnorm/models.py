@@ -7,7 +7,7 @@ dropout; c3/c6 are 1x1 transitions followed by 2x2 max pooling; c10 is a 1x1 con
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,15 @@ def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.M
         # not torch's elementwise-affine LayerNorm over C, H and W).
         return functools.partial(nn.LayerNorm, reduction_axes=(-3, -2, -1), feature_axes=-1, epsilon=1e-5)
     raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
+
+
+class LayerSpec(NamedTuple):
+    """One spatial layer, for receptive-field arithmetic. kernel=None: global pooling over the whole map."""
+
+    name: str
+    kernel: int | None
+    stride: int = 1
+    padding: int = 0
 
 
 class SeedCNN(nn.Module):
@@ -59,6 +68,7 @@ class SeedCNN(nn.Module):
             x = nn.Conv(self.transition_width, (1, 1), use_bias=False, name=name)(x)
             return nn.max_pool(x, (2, 2), strides=(2, 2))
 
+        # Keep this sequence in step with `spatial_layers` below.
         x = conv(x, "C1")
         x = conv(x, "C2")
         x = transition(x, "c3")  # + P1
@@ -72,6 +82,18 @@ class SeedCNN(nn.Module):
         x = jnp.mean(x, axis=(1, 2), keepdims=True)  # GAP
         x = nn.Conv(self.num_classes, (1, 1), use_bias=False, name="c10")(x)
         return x.reshape(x.shape[0], self.num_classes)
+
+    def spatial_layers(self) -> tuple[LayerSpec, ...]:
+        """The layer sequence as (name, kernel, stride, padding), for the receptive-field table."""
+        def conv(name):
+            return LayerSpec(name, 3, 1, 1)
+
+        def one(name):
+            return LayerSpec(name, 1, 1, 0)
+
+        return (conv("C1"), conv("C2"), one("c3"), LayerSpec("P1", 2, 2, 0),
+                conv("C3"), conv("C4"), conv("C5"), one("c6"), LayerSpec("P2", 2, 2, 0),
+                conv("C7"), conv("C8"), conv("C9"), LayerSpec("GAP", None), one("c10"))
 
 
 def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:

@@ -191,6 +191,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             "num_params": num_params, "class_names": list(dataset.class_names),
             "image_shape": list(dataset.image_shape), "data_source": dataset.source}
 
+    from jaxnorm.report import model_summary  # lazy: report imports this module
+    print(model_summary(model, dataset.image_shape))
     print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
           f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s)")
 

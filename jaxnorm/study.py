@@ -1,0 +1,129 @@
+"""The normalisation study's report: one table row per norm (mean ± std over seeds), curves, grids.
+
+    python scripts/study.py --data-dir /path/to/cifar-10-binary.tar.gz     # bn, gn, ln x seeds 0 1 2
+
+Everything in study.md is computed from the runs' metrics and checkpoints; the data source is named,
+and a subset of CIFAR-10 is labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from jaxnorm.checkpoint import CheckpointError, RunCheckpoints
+from jaxnorm.config import Config, ConfigError
+from jaxnorm.data import Dataset
+from jaxnorm.report import _quiet_absl, format_mean_std, plot_curves
+
+CIFAR10_TRAIN_SIZE = 50_000
+NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
+# Fields a reused run must share with the study's config (seed and norm are in the folder name).
+STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
+                  "lr", "lr_step_epochs", "lr_gamma", "weight_decay", "dropout", "crop", "label_smoothing")
+
+
+def dataset_name(name: str, dataset: Dataset) -> str:
+    """A folder name for the data: cifar10 for the full set, cifar10-subset-<N> for a part of it."""
+    n = len(dataset.train_images)
+    if name == "cifar10" and n != CIFAR10_TRAIN_SIZE:
+        return f"cifar10-subset-{n}"
+    return name
+
+
+def describe_data(name: str, dataset: Dataset) -> str:
+    n, m = len(dataset.train_images), len(dataset.test_images)
+    text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
+    if name == "cifar10" and n != CIFAR10_TRAIN_SIZE:
+        return (f"**{n:,}-image CIFAR-10 subset, not CIFAR-10** ({text}): accuracies here are not "
+                "comparable with CIFAR-10 results")
+    if name == "synthetic":
+        return f"**synthetic data** (smoke test, {text}): not a result"
+    return f"CIFAR-10 ({text})"
+
+
+def run_history(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def finished_epochs(workdir: Path, config: Config) -> int:
+    """Epochs already trained in `workdir` (0 if none), after checking the run is `config`'s."""
+    if not (Path(workdir) / "ckpt").is_dir():
+        return 0
+    with _quiet_absl():
+        checkpoints = RunCheckpoints(workdir, read_only=True)
+    try:
+        latest = checkpoints.latest_step()
+        if latest is None:
+            return 0
+        meta = checkpoints.restore_meta(latest)
+    finally:
+        checkpoints.close()
+    saved = Config.from_dict(meta.get("config", {}))
+    diffs = [f"{k} {getattr(saved, k)!r} (study: {getattr(config, k)!r})" for k in STUDY_IDENTITY
+             if getattr(saved, k) != getattr(config, k)]
+    if diffs:
+        raise ConfigError(f"{workdir} holds another run ({', '.join(diffs)}): move it or pass another --runs")
+    return len(meta.get("history", []))
+
+
+def study_rows(records: dict[str, list[dict]]) -> list[dict]:
+    """Per norm: params, final/best train/test accuracy over seeds, epochs, wall time (from histories)."""
+    rows = []
+    for norm, runs in records.items():
+        hists = [r["history"] for r in runs]
+        rows.append({
+            "norm": norm, "seeds": [r["config"]["seed"] for r in runs], "num_params": runs[0]["num_params"],
+            "final_train": [h[-1]["train_accuracy"] for h in hists],
+            "final_test": [h[-1]["test_accuracy"] for h in hists],
+            "best_train": [max(e["train_accuracy"] for e in h) for h in hists],
+            "best_test": [max(e["test_accuracy"] for e in h) for h in hists],
+            "epochs": sorted({len(h) for h in hists}),
+            "seconds": [sum(e["seconds"] for e in h) for h in hists],
+            "eval_train": [r["train"]["accuracy"] for r in runs],
+        })
+    return rows
+
+
+def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, dataset_key: str,
+                skip: bool = False, command: Optional[str] = None) -> Path:
+    """Write <out>/study.md and <out>/curves.png; the grids are copied in by the caller."""
+    out = Path(out)
+    if not records:
+        raise CheckpointError("no runs to report")
+    suffix = "-skip" if skip else ""
+    rows = study_rows(records)
+    data = describe_data(dataset_key, dataset)
+    plot_curves({f"{NORM_NAMES[r['norm']]}{' + skip' if skip else ''}": [x["history"] for x in records[r["norm"]]]
+                 for r in rows}, out / "curves.png",
+                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "").replace("`", "")[:100])
+    config = records[rows[0]["norm"]][0]["config"]
+    lines = [f"# Normalisation study{' (with skip connections)' if skip else ''}", "",
+             f"Data: {data}.", ""]
+    if command:
+        lines += ["Produced by:", "", "```bash", command, "```", ""]
+    lines += [f"Seed CNN (width {config['width']}/{config['transition_width']}"
+              f"{', skip connections' if skip else ''}), batch {config['batch_size']}, lr {config['lr']} "
+              f"x{config['lr_gamma']} every {config['lr_step_epochs']} epochs, seeds "
+              f"{', '.join(map(str, rows[0]['seeds']))}. Accuracies: mean ± sample standard deviation over "
+              "the seeds. Train accuracy is measured during each epoch (augmented, with dropout); test accuracy "
+              "after it. *Best* is the highest epoch; *final* the last. Wall time: training seconds per run "
+              "(compilation included), mean over seeds.", "",
+             "| norm | parameters | final train | final test | best train | best test | epochs | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {NORM_NAMES[r['norm']]} (`{r['norm']}`) | {r['num_params']:,} | "
+                     f"{format_mean_std(r['final_train'])} | {format_mean_std(r['final_test'])} | "
+                     f"{format_mean_std(r['best_train'])} | {format_mean_std(r['best_test'])} | "
+                     f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
+    lines += ["", "Loss and accuracy per epoch (train dashed, test solid; mean over seeds):", "",
+              "![curves](curves.png)", "",
+              f"Misclassified test images of seed {rows[0]['seeds'][0]}'s best checkpoint:", ""]
+    for r in rows:
+        lines += [f"![{r['norm']} misclassified](misclassified-{r['norm']}{suffix}.png)", ""]
+    path = out / f"study{suffix}.md"
+    path.write_text("\n".join(lines))
+    (out / f"study{suffix}.json").write_text(json.dumps({"data": data, "rows": rows}, indent=1))
+    return path

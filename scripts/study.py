@@ -1,0 +1,91 @@
+"""The normalisation study: train every norm x seed (reusing finished runs), evaluate, write study.md.
+
+    python scripts/study.py --data-dir /path/to/cifar-10-binary.tar.gz            # full CIFAR-10, 3 seeds x 20 epochs
+    python scripts/study.py --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz   # the 5,085-image subset
+    python scripts/study.py --dataset synthetic --epochs 1 --seeds 0 --preset narrow          # smoke test
+
+Runs live in <runs>/<norm>[-skip]-s<seed> (default runs: checkpoints/study/<dataset name>); a finished
+run is reused, an unfinished one resumed. Writes <out>/study.md, <out>/curves.png and
+<out>/misclassified-<norm>.png (default out: results/<dataset name>).
+"""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
+from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config  # noqa: E402
+
+DEFAULTS = Config()
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset, help="(default %(default)s)")
+    p.add_argument("--data-dir", help="CIFAR-10 archive, its extracted folder or a TFDS data dir")
+    p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="(default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="(default %(default)s)")
+    p.add_argument("--groups", type=int, default=DEFAULTS.groups, help="GroupNorm groups (default %(default)s)")
+    p.add_argument("--preset", choices=sorted(WIDTH_PRESETS), default="seed",
+                   help="channel widths: " + ", ".join(f"{k}={w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()))
+    p.add_argument("--skip", action="store_true", help="residual connections around the 3x3 convs")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="(default %(default)s)")
+    p.add_argument("--runs", help="folder of the run folders (default checkpoints/study/<dataset name>)")
+    p.add_argument("--out", help="report folder (default results/<dataset name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds must be distinct")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    width, transition = WIDTH_PRESETS[args.preset]
+    base = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, groups=args.groups,
+                  width=width, transition_width=transition, skip=args.skip, batch_size=args.batch_size)
+    for norm in args.norms:
+        base.replace(norm=norm).validate()
+
+    from jaxnorm.data import load_dataset
+    from jaxnorm.report import restore_run, write_run_report
+    from jaxnorm.study import dataset_name, finished_epochs, run_history, write_study
+    from jaxnorm.train import train_and_evaluate
+
+    dataset = load_dataset(args.dataset, args.data_dir)
+    name = dataset_name(args.dataset, dataset)
+    runs_root = Path(args.runs or os.path.join("checkpoints", "study", name))
+    out = Path(args.out or os.path.join("results", name))
+    out.mkdir(parents=True, exist_ok=True)
+
+    records = {}  # norm -> [evaluation record per seed]
+    for norm in args.norms:
+        for seed in args.seeds:
+            config = base.replace(norm=norm, seed=seed)
+            workdir = runs_root / f"{norm}{'-skip' if args.skip else ''}-s{seed}"
+            done = finished_epochs(workdir, config)
+            if done >= args.epochs:
+                print(f"{workdir}: finished ({done} epochs), reused")
+            else:
+                print(f"{workdir}: training {norm} seed {seed}" + (f" (resuming at epoch {done})" if done else ""))
+                train_and_evaluate(config, workdir, resume=done > 0, dataset=dataset,
+                                   progress=not args.no_progress)
+            record = write_run_report(restore_run(workdir), dataset)
+            record["history"] = run_history(workdir)
+            records.setdefault(norm, []).append(record)
+        shutil.copyfile(runs_root / f"{norm}{'-skip' if args.skip else ''}-s{args.seeds[0]}" / "misclassified.png",
+                        out / f"misclassified-{norm}{'-skip' if args.skip else ''}.png")
+    command = " ".join(["python", "scripts/study.py", *sys.argv[1:]])
+    path = write_study(records, dataset, out, dataset_key=args.dataset, skip=args.skip, command=command)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    from jaxnorm.train import TrainingError  # noqa: E402
+
+    run_main(main, extra_errors=(TrainingError,))

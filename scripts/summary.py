@@ -1,0 +1,51 @@
+"""Print the model summary table and the receptive-field table of a configuration.
+
+    python scripts/summary.py --norm bn
+    python scripts/summary.py --norm gn --preset narrow --skip
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
+from jaxnorm.config import NORMS, WIDTH_PRESETS, Config  # noqa: E402
+
+DEFAULTS = Config()
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--norm", choices=NORMS, default=DEFAULTS.norm, help="(default %(default)s)")
+    p.add_argument("--groups", type=int, default=DEFAULTS.groups, help="GroupNorm groups (default %(default)s)")
+    p.add_argument("--preset", choices=sorted(WIDTH_PRESETS), default="seed",
+                   help="channel widths: " + ", ".join(f"{k}={w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()))
+    p.add_argument("--width", type=int, help="width of the 3x3 convs (overrides --preset)")
+    p.add_argument("--transition-width", type=int, help="width of the 1x1 transitions (overrides --preset)")
+    p.add_argument("--skip", action="store_true", help="residual connections around the 3x3 convs")
+    p.add_argument("--image-size", type=int, default=32, help="input height and width (default %(default)s)")
+    p.add_argument("--channels", type=int, default=3, help="input channels (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    width, transition = WIDTH_PRESETS[args.preset]
+    config = Config(norm=args.norm, groups=args.groups, width=args.width or width,
+                    transition_width=args.transition_width or transition, skip=args.skip).validate()
+    if args.image_size <= 0 or args.channels <= 0:
+        from jaxnorm.config import ConfigError
+        raise ConfigError("--image-size and --channels must be positive")
+    from jaxnorm.models import build_model
+    from jaxnorm.report import format_receptive_field, model_summary, receptive_field
+
+    model = build_model(config, (0.0,) * args.channels, (1.0,) * args.channels)
+    print(model_summary(model, (args.image_size, args.image_size, args.channels)))
+    print(f"\nreceptive field (input {args.image_size}x{args.image_size})")
+    print(format_receptive_field(receptive_field(model.spatial_layers(), args.image_size)))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,145 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_script
+from jaxnorm.checkpoint import CheckpointError
+from jaxnorm.config import Config
+from jaxnorm.models import build_model, count_params
+from jaxnorm.report import (choose_misclassified, classification_metrics, evaluate_run, misclassified_grid,
+                            model_summary, receptive_field, restore_run, write_run_report)
+from jaxnorm.train import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny BatchNorm run of 2 epochs (its checkpoints are read, never written, by the tests)."""
+    from jaxnorm.data import synthetic_dataset
+    data = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
+    config = Config(dataset="synthetic", width=8, transition_width=8, batch_size=16, epochs=2, dropout=0.0,
+                    eval_batch_size=32)
+    workdir = tmp_path_factory.mktemp("run")
+    result = train_and_evaluate(config, workdir, dataset=data, progress=False)
+    return workdir, data, result
+
+
+def test_receptive_field_reproduces_the_seed_hand_computation():
+    table = receptive_field(build_model(Config()).spatial_layers(), 32)
+    rf = {r["layer"]: r["rf"] for r in table}
+    assert [rf[n] for n in ("C1", "C2", "P1", "C3", "C4", "C5", "P2", "C7", "C8", "C9", "GAP")] == \
+        [3, 5, 6, 10, 14, 18, 20, 28, 36, 44, 72]
+    assert rf["c3"] == rf["C2"] and rf["c6"] == rf["C5"] and rf["c10"] == rf["GAP"]  # 1x1 convs: no change
+    sizes = {r["layer"]: r["output_size"] for r in table}
+    assert (sizes["C2"], sizes["P1"], sizes["P2"], sizes["GAP"]) == (32, 16, 8, 1)
+    assert {r["layer"]: r["jump"] for r in table}["C9"] == 4
+
+
+def test_summary_table_counts_the_parameters_of_the_model():
+    model = build_model(Config())
+    text = model_summary(model, (32, 32, 3))
+    assert "34,872" in text and "C1" in text and "c10" in text and "[-1, 8, 8, 24]" in text
+    assert "BatchNorm running statistics" in text and "384" in text
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
+    assert count_params(variables["params"]) == 34_872
+
+
+def test_classification_metrics_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(50, 4)), rng.integers(0, 4, 50)
+    m = classification_metrics(logits, labels, 4)
+    predicted = logits.argmax(-1)
+    assert m["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    confusion = np.asarray(m["confusion_matrix"])
+    assert confusion.sum() == 50 and np.trace(confusion) == np.sum(predicted == labels)
+    for c in range(4):
+        assert m["per_class_accuracy"][c] == pytest.approx(np.mean(predicted[labels == c] == c))
+        assert confusion[c, 2] == np.sum((labels == c) & (predicted == 2))
+
+
+def test_grid_shows_only_misclassified_images_with_their_annotations(tmp_path):
+    images = np.zeros((6, 8, 8, 1), np.uint8)  # grayscale images must plot too
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    logits = np.log(np.array([[.8, .1, .1], [.7, .2, .1], [.1, .1, .8], [.2, .2, .6], [.1, .9, 0.0001],
+                              [.3, .5, .2]]))
+    chosen = misclassified_grid(images, labels, logits, ["a", "b", "c"], tmp_path / "grid.png", rows=2, cols=2)
+    assert [c["index"] for c in chosen] == [1, 3, 5]
+    assert [(c["true"], c["predicted"]) for c in chosen] == [(1, 0), (0, 2), (2, 1)]
+    assert [c["probability"] for c in chosen] == pytest.approx([0.7, 0.6, 0.5])
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert len(choose_misclassified(logits, labels, 2)) == 2
+
+
+def test_restore_rebuilds_the_model_from_the_saved_config_alone(trained_run):
+    workdir, data, result = trained_run
+    run = restore_run(workdir, step=8)  # the last epoch's step: 2 epochs x 4 steps
+    assert run.config.width == 8 and run.config.norm == "bn" and run.step == 8
+    expected = result["state"].apply_fn({"params": result["state"].params,
+                                         "batch_stats": result["state"].batch_stats}, data.test_images)
+    got = run.model.apply({"params": run.state.params, "batch_stats": run.state.batch_stats}, data.test_images)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    best = restore_run(workdir)  # default: the best epoch by test accuracy
+    assert best.step == max(result["history"], key=lambda h: h["test_accuracy"])["step"]
+
+
+def test_evaluation_accuracy_equals_a_direct_computation(trained_run):
+    workdir, data, _ = trained_run
+    run = restore_run(workdir)
+    results = evaluate_run(run, data)
+    for split, images, labels in (("train", data.train_images, data.train_labels),
+                                  ("test", data.test_images, data.test_labels)):
+        logits = run.model.apply({"params": run.state.params, "batch_stats": run.state.batch_stats}, images)
+        assert results[split]["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
+    assert results["test"]["accuracy"] == pytest.approx(max(h["test_accuracy"] for h in run.meta["history"]))
+
+
+def test_run_report_writes_its_files(trained_run):
+    workdir, data, _ = trained_run
+    record = write_run_report(restore_run(workdir), data, rows=2, cols=3)
+    for name in ("evaluation.json", "misclassified.png", "curves.png"):
+        assert (workdir / name).stat().st_size > 0
+    saved = json.loads((workdir / "evaluation.json").read_text())
+    assert saved["test"]["accuracy"] == record["test"]["accuracy"]
+    assert len(saved["misclassified"]) <= 6
+    for c in saved["misclassified"]:
+        assert c["true"] != c["predicted"] and data.test_labels[c["index"]] == c["true"]
+
+
+def test_restore_of_a_folder_without_checkpoints_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        restore_run(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoints yet"):
+        restore_run(tmp_path)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_evaluate_script_on_a_bad_folder_is_one_line_and_non_zero(make, tmp_path):
+    workdir = tmp_path / "run"
+    if make == "empty":
+        (workdir / "ckpt").mkdir(parents=True)
+    result = run_script("evaluate.py", "--workdir", workdir)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoints" in lines[0], result.stderr
+
+
+def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
+    from jaxnorm.data import Dataset
+    from jaxnorm.study import dataset_name, write_study
+    subset = Dataset(np.zeros((5085, 2, 2, 3), np.uint8), np.zeros(5085, np.int32), np.zeros((1017, 2, 2, 3),
+                     np.uint8), np.zeros(1017, np.int32), tuple("abcdefghij"), source="subset.tar.gz")
+    assert dataset_name("cifar10", subset) == "cifar10-subset-5085"
+
+    def record(seed, accs):
+        history = [{"epoch": i + 1, "train_accuracy": a, "test_accuracy": a, "train_loss": 1.0, "test_loss": 1.0,
+                    "seconds": 2.0} for i, a in enumerate(accs)]
+        return {"config": Config(seed=seed).to_dict(), "num_params": 34872, "history": history,
+                "train": {"accuracy": accs[-1]}}
+
+    records = {"bn": [record(0, [0.4, 0.6, 0.5]), record(1, [0.3, 0.7, 0.6])], "gn": [record(0, [0.2, 0.3, 0.4])]}
+    text = write_study(records, subset, tmp_path, dataset_key="cifar10").read_text()
+    assert "5,085-image CIFAR-10 subset, not CIFAR-10" in text and "subset.tar.gz" in text
+    assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 65.00% ± 7.07% |" in text
+    assert "| GroupNorm (`gn`) | 34,872 | 40.00% |" in text and (tmp_path / "curves.png").is_file()
