@@ -187,13 +187,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     mesh = parallel.make_mesh()
     parallel.check_batch_divides(config.batch_size, mesh)
 
-    input_mean, input_std = dataset.channel_stats()
-    model = build_model(config, input_mean, input_std)
     steps_per_epoch = num_train // config.batch_size
-    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
-    state = jax.device_put(state, parallel.replicated(mesh))
-    num_params = count_params(state.params)
 
+    # Refuse a run folder in the way or a contradicting resume before building anything.
     checkpoints = RunCheckpoints(workdir)
     history: list[dict] = []
     partial = None  # the interrupted epoch's {'epoch', 'losses', 'correct'} when resuming mid-epoch
@@ -209,6 +205,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         if saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             raise ConfigError(f"cannot resume: {saved['steps_per_epoch']} steps per epoch were saved, this "
                               f"config gives {steps_per_epoch} (another --batch-size or training set?)")
+
+    input_mean, input_std = dataset.channel_stats()
+    model = build_model(config, input_mean, input_std)
+    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    num_params = count_params(state.params)
+    if latest is not None:
         state, saved = checkpoints.restore(latest, abstract_like(state, parallel.replicated(mesh)))
         history, partial = saved["history"], saved.get("partial")
         # The checkpoint is the truth: drop epochs a kill left in metrics.json but not in a checkpoint.

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,21 @@ def straight(tmp_path_factory, tiny_data):
                     lr=0.05, dropout=0.0, eval_batch_size=32)
     return config, train_and_evaluate(config, tmp_path_factory.mktemp("straight"), dataset=tiny_data,
                                       progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(straight, tiny_data, tmp_path_factory):
+    """A run folder holding the first epoch of `straight` (checkpoint at step 4)."""
+    config, _ = straight
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    train_and_evaluate(config.replace(epochs=1), workdir, dataset=tiny_data, progress=False)
+    return workdir
+
+
+@pytest.fixture
+def one_epoch(one_epoch_run, tmp_path):
+    """A private copy of `one_epoch_run`."""
+    return Path(shutil.copytree(one_epoch_run, tmp_path / "run"))
 
 
 def signal_at_step(monkeypatch, signum, at_call):
@@ -97,9 +113,9 @@ def test_sigterm_in_the_last_step_of_an_epoch_saves_that_epoch(straight, tiny_da
 # Kills: half-written checkpoints and a metrics.json ahead of the checkpoints.
 
 
-def test_resume_ignores_a_half_written_checkpoint_and_rewrites_metrics(straight, tiny_data, tmp_path):
+def test_resume_ignores_a_half_written_checkpoint_and_rewrites_metrics(straight, tiny_data, one_epoch):
     config, reference = straight
-    train_and_evaluate(config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
+    tmp_path = one_epoch
     # What a kill during the save of epoch 2 leaves: Orbax's temporary folder, and possibly
     # metrics.json already listing epoch 2.
     junk = tmp_path / "ckpt" / "8.orbax-checkpoint-tmp-1763690000000000"
@@ -118,9 +134,9 @@ def test_resume_ignores_a_half_written_checkpoint_and_rewrites_metrics(straight,
 # Divergence.
 
 
-def test_non_finite_loss_names_the_step_and_keeps_the_good_checkpoint(straight, tiny_data, tmp_path):
+def test_non_finite_loss_names_the_step_and_keeps_the_good_checkpoint(straight, tiny_data, one_epoch):
     config, _ = straight
-    train_and_evaluate(config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
+    tmp_path = one_epoch
     good = json.loads((tmp_path / "metrics.json").read_text())
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step [5-8]; the last good "
                                             r"checkpoint is step 4 in"):
@@ -163,10 +179,8 @@ def test_unusable_run_folders_raise_one_line(make, message, tmp_path):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_complete_run_folder_passes_the_reader_checks(straight, tiny_data, tmp_path):
-    config, _ = straight
-    train_and_evaluate(config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
-    checkpoints = RunCheckpoints(tmp_path, read_only=True)
+def test_a_complete_run_folder_passes_the_reader_checks(one_epoch_run):
+    checkpoints = RunCheckpoints(one_epoch_run, read_only=True)
     assert checkpoints.require_latest_step() == checkpoints.require_best_step() == 4
 
 
@@ -251,11 +265,10 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_note(straight, tiny_dat
     assert without_timing(result["history"]) == without_timing(reference["history"][:1])
 
 
-def test_resume_with_another_batch_size_is_refused(straight, tiny_data, tmp_path):
+def test_resume_with_another_batch_size_is_refused(straight, tiny_data, one_epoch):
     config, _ = straight
-    train_and_evaluate(config.replace(epochs=1), tmp_path, dataset=tiny_data, progress=False)
     with pytest.raises(ConfigError, match="4 steps per epoch were saved, this config gives 2"):
-        train_and_evaluate(config.replace(batch_size=32), tmp_path, resume=True, dataset=tiny_data,
+        train_and_evaluate(config.replace(batch_size=32), one_epoch, resume=True, dataset=tiny_data,
                            progress=False)
 
 
@@ -266,9 +279,11 @@ def test_resume_with_another_batch_size_is_refused(straight, tiny_data, tmp_path
 SIGNAL_RUN = [*TINY, "--epochs", "4", "--seed", "3"]  # 32 steps per epoch
 
 
-def _start(workdir):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *SIGNAL_RUN,
+def _start(workdir, cache, *extra):
+    # A compilation cache shared by the processes of this test only: later processes skip compiling.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *SIGNAL_RUN, *extra,
                              "--workdir", str(workdir)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -281,19 +296,15 @@ def _wait_for_first_checkpoint(workdir, process, timeout=120):
         time.sleep(0.02)
 
 
-def _resume(workdir):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *SIGNAL_RUN, "--resume",
-                             "--workdir", str(workdir)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 @pytest.fixture(scope="module")
 def signal_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("signals")
     runs = {name: root / name for name in ("reference", "killed", "interrupted")}
-    procs = {name: _start(path) for name, path in runs.items()}
+    cache = root / "jax-cache"
+    procs = {"reference": _start(runs["reference"], cache)}
     try:
+        _wait_for_first_checkpoint(runs["reference"], procs["reference"])  # compiled: cache filled
+        procs.update({name: _start(runs[name], cache) for name in ("killed", "interrupted")})
         _wait_for_first_checkpoint(runs["killed"], procs["killed"])
         procs["killed"].kill()  # SIGKILL: no handler, no cleanup
         procs["killed"].communicate()
@@ -301,7 +312,7 @@ def signal_runs(tmp_path_factory):
         procs["interrupted"].send_signal(signal.SIGINT)
         interrupted = procs["interrupted"].communicate(timeout=120)
         interrupted_code = procs["interrupted"].returncode
-        resumed = {name: _resume(runs[name]) for name in ("killed", "interrupted")}
+        resumed = {name: _start(runs[name], cache, "--resume") for name in ("killed", "interrupted")}
         outputs = {name: p.communicate(timeout=180) + (p.returncode,) for name, p in resumed.items()}
         reference = procs["reference"].communicate(timeout=180) + (procs["reference"].returncode,)
     finally:
