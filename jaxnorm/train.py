@@ -235,8 +235,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
     def interrupted(signum: int) -> TrainingInterrupted:
         step = int(state.step)
-        return TrainingInterrupted(f"{signal.Signals(signum).name} at epoch {step // steps_per_epoch + 1}, step "
-                                   f"{step}: saved a checkpoint at step {step} in {workdir}", signum, step)
+        epoch, index = divmod(step, steps_per_epoch)
+        when = f"after epoch {epoch}" if index == 0 else f"at epoch {epoch + 1}"
+        return TrainingInterrupted(f"{signal.Signals(signum).name} {when}, step {step}: saved a checkpoint at "
+                                   f"step {step} in {workdir}", signum, step)
 
     start_epoch, start_index = divmod(int(state.step), steps_per_epoch)
     with checkpoints_closed(checkpoints), stop_requests() as stop:

@@ -100,7 +100,7 @@ def test_sigint_mid_epoch_saves_there_and_resume_is_exact(straight, tiny_data, t
 def test_sigterm_in_the_last_step_of_an_epoch_saves_that_epoch(straight, tiny_data, tmp_path, monkeypatch):
     config, reference = straight
     signal_at_step(monkeypatch, signal.SIGTERM, at_call=4)
-    with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 2, step 4") as info:
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after epoch 1, step 4") as info:
         train_and_evaluate(config, tmp_path, dataset=tiny_data, progress=False)
     assert info.value.signum == signal.SIGTERM and info.value.step == 4
     assert RunCheckpoints(tmp_path, read_only=True).all_steps() == [4]
@@ -340,7 +340,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(signal_runs):
 def test_sigint_saves_prints_the_resume_command_and_resume_matches(signal_runs):
     out, err, code = signal_runs["interrupted"]
     assert code == 130, err
-    assert "interrupted: SIGINT at epoch" in err and "Traceback" not in err
+    assert "interrupted: SIGINT " in err and "saved a checkpoint at step" in err and "Traceback" not in err
     hint = [line for line in err.splitlines() if line.startswith("resume with: ")]
     assert hint and hint[0].endswith("--resume") and "--workdir" in hint[0], err
     out, err, code = signal_runs["resumed"]["interrupted"]
