@@ -69,8 +69,9 @@ class RunCheckpoints:
 
     def require_best_step(self) -> int:
         """The end-of-epoch checkpoint with the best test accuracy (the latest if none has one)."""
-        self.require_latest_step()
-        return self.best_step()
+        latest = self.require_latest_step()
+        best = self.best_step()
+        return latest if best is None else best
 
     def _why_no_steps(self) -> str:
         entries = sorted(p.name for p in self.directory.iterdir()) if self.directory.is_dir() else []

@@ -85,6 +85,7 @@ def test_sigint_mid_epoch_saves_there_and_resume_is_exact(straight, tiny_data, t
     checkpoints = RunCheckpoints(tmp_path, read_only=True)
     assert checkpoints.all_steps() == [4, 6]
     assert checkpoints.latest_step() == 6 and checkpoints.best_step() == 4  # best = best end of epoch
+    assert checkpoints.require_best_step() == 4
     partial = checkpoints.restore_meta(6)["partial"]
     assert partial["epoch"] == 1 and len(partial["losses"]) == 2
     monkeypatch.undo()
