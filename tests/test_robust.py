@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import CIFAR_SUBSET, ROOT
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, check_writable_workdir
 from jaxnorm.cli import run_main
 from jaxnorm.config import ConfigError
@@ -354,6 +354,8 @@ def test_resume_with_a_contradicting_config_is_refused_by_the_cli(signal_runs, c
     args = [*SIGNAL_RUN, "--resume", "--workdir", workdir]
     for change, message in [(["--norm", "gn"], "norm 'bn' -> 'gn'"),
                             (["--width", "12"], "width 8 -> 12"),
-                            (["--skip"], "skip False -> True")]:
+                            (["--skip"], "skip False -> True"),
+                            *([(["--dataset", "cifar10", "--data-dir", CIFAR_SUBSET], "dataset 'synthetic' -> 'cifar10'")]
+                              if CIFAR_SUBSET.exists() else [])]:
         code, out, err = cli(capsys, *args, *change)
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
