@@ -6,13 +6,22 @@
 
 The dataset lives on the devices for the whole run. Each epoch draws a permutation on the device;
 each step gathers its batch from it, augments it and updates the state inside one compiled call.
+
+Interruptions: SIGINT/SIGTERM finish the current step, save a (mid-epoch) checkpoint and raise
+`TrainingInterrupted`; the checkpoint's meta carries the partial epoch's per-step losses and correct
+count, so a resumed run ends with exactly the metrics of an uninterrupted one. A non-finite loss
+raises `TrainingError` without saving the bad state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +35,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from jaxnorm import parallel
-from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like
+from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, check_writable_workdir
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import Dataset, augment, load_dataset
 from jaxnorm.models import build_model, count_params, init_variables
@@ -41,6 +50,14 @@ class TrainState(train_state.TrainState):
 
 class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, a run folder in the way, ...)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`, and `--resume` continues from it."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,34 +179,48 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     """
     config.validate()
     workdir = Path(workdir)
+    check_writable_workdir(workdir)
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
     num_train = len(dataset.train_images)
     if config.batch_size > num_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")
     mesh = parallel.make_mesh(config.batch_size)
 
-    input_mean, input_std = dataset.channel_stats()
-    model = build_model(config, input_mean, input_std)
     steps_per_epoch = num_train // config.batch_size
-    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
-    state = jax.device_put(state, parallel.replicated(mesh))
-    num_params = count_params(state.params)
 
+    # Refuse a run folder in the way or a contradicting resume before building anything.
     checkpoints = RunCheckpoints(workdir)
     history: list[dict] = []
+    partial = None  # the interrupted epoch's {'epoch', 'losses', 'correct'} when resuming mid-epoch
     latest = checkpoints.latest_step()
     if latest is not None and not resume:
         raise TrainingError(f"{workdir} already holds a run (step {latest}): pass --resume to continue it "
                             "or choose another --workdir")
+    if latest is None and resume:
+        print(f"note: {workdir} holds no checkpoint yet: starting a new run")
     if latest is not None:
         saved = checkpoints.restore_meta(latest)
         check_same_run(config, Config.from_dict(saved["config"]))
+        if saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise ConfigError(f"cannot resume: {saved['steps_per_epoch']} steps per epoch were saved, this "
+                              f"config gives {steps_per_epoch} (another --batch-size or training set?)")
+
+    input_mean, input_std = dataset.channel_stats()
+    model = build_model(config, input_mean, input_std)
+    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    num_params = count_params(state.params)
+    if latest is not None:
         state, saved = checkpoints.restore(latest, abstract_like(state, parallel.replicated(mesh)))
-        history = saved["history"]
-        print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)})")
+        history, partial = saved["history"], saved.get("partial")
+        # The checkpoint is the truth: drop epochs a kill left in metrics.json but not in a checkpoint.
+        write_json(workdir / "metrics.json", history)
+        where = f" + {len(partial['losses'])}/{steps_per_epoch} steps" if partial else ""
+        print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)}{where})")
     meta = {"config": config.to_dict(), "input_mean": input_mean, "input_std": input_std,
             "num_params": num_params, "class_names": list(dataset.class_names),
-            "image_shape": list(dataset.image_shape), "data_source": dataset.source}
+            "image_shape": list(dataset.image_shape), "data_source": dataset.source,
+            "steps_per_epoch": steps_per_epoch}
 
     from jaxnorm.report import model_summary  # lazy: report imports this module
     print(model_summary(model, dataset.image_shape))
@@ -203,50 +234,119 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     predict = make_predict(mesh, config.eval_batch_size)
     schedule = learning_rate_schedule(config, steps_per_epoch)
 
-    start_epoch = int(state.step) // steps_per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(epoch)
-        start = time.perf_counter()
-        losses, corrects = [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress or jax.process_index() != 0,
-                   leave=False, unit="step")
-        for i in bar:
-            state, metrics = train_step(state, images, labels, order, i)
-            losses.append(metrics["loss"])
-            corrects.append(metrics["correct"])
-            if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:  # sync rarely: keeps the device queue full
-                seen = (i + 1) * config.batch_size
-                bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.3f}",
-                                acc=f"{int(np.sum(jax.device_get(corrects))) / seen:.2%}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
-        step_losses = np.asarray(jax.device_get(losses))
-        seconds = time.perf_counter() - start
-        if not np.all(np.isfinite(step_losses)):
-            bad = int(np.argmax(~np.isfinite(step_losses)))
-            raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1}"
-                                f"; the last good checkpoint is step {checkpoints.latest_step()} in {workdir}")
-        test = logit_metrics(predict(state, dataset.test_images), dataset.test_labels)
-        record = {"epoch": epoch + 1, "step": int(state.step),
-                  "lr": float(schedule(epoch * steps_per_epoch)),
-                  "train_loss": float(step_losses.mean()),
-                  "train_accuracy": int(np.sum(jax.device_get(corrects))) / (steps_per_epoch * config.batch_size),
-                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                  "seconds": seconds, "images_per_second": steps_per_epoch * config.batch_size / seconds}
-        history.append(record)
-        checkpoints.save(int(state.step), state, {**meta, "history": history},
-                         metrics={"test_accuracy": record["test_accuracy"]})
-        if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates the checkpoint
-            write_json(workdir / "metrics.json", history)
-        tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
-                   f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
-                   f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
-                   f"| {seconds:.1f}s")
-    checkpoints.close()
+    def interrupted(signum: int) -> TrainingInterrupted:
+        step = int(state.step)
+        epoch, index = divmod(step, steps_per_epoch)
+        when = f"after epoch {epoch}" if index == 0 else f"at epoch {epoch + 1}"
+        return TrainingInterrupted(f"{signal.Signals(signum).name} {when}, step {step}: saved a checkpoint at "
+                                   f"step {step} in {workdir}", signum, step)
+
+    start_epoch, start_index = divmod(int(state.step), steps_per_epoch)
+    with checkpoints_closed(checkpoints), stop_requests() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            if stop.signum is not None:  # arrived during the last step of an epoch: that epoch is saved
+                raise interrupted(stop.signum)
+            first = start_index if epoch == start_epoch else 0
+            losses, corrects = [], []
+            if first:  # resuming mid-epoch: the steps already taken count towards this epoch's metrics
+                if not partial or partial["epoch"] != epoch or len(partial["losses"]) != first:
+                    raise CheckpointError(f"the checkpoint at step {int(state.step)} in {workdir} lacks the "
+                                          "metrics of its partial epoch")
+                losses, corrects = [np.float32(x) for x in partial["losses"]], [partial["correct"]]
+            order = epoch_order(epoch)
+            start = time.perf_counter()
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                       initial=first, total=steps_per_epoch, unit="step",
+                       disable=not progress or jax.process_index() != 0)
+            for i in bar:
+                state, metrics = train_step(state, images, labels, order, i)
+                losses.append(metrics["loss"])
+                corrects.append(metrics["correct"])
+                if stop.signum is not None and i + 1 < steps_per_epoch:  # save mid-epoch and stop
+                    step_losses = np.asarray(jax.device_get(losses))
+                    check_finite(step_losses, epoch, steps_per_epoch, checkpoints, workdir)
+                    partial = {"epoch": epoch, "losses": [float(x) for x in step_losses],
+                               "correct": int(np.sum(jax.device_get(corrects)))}
+                    checkpoints.save(int(state.step), state, {**meta, "history": history, "partial": partial})
+                    checkpoints.wait()
+                    raise interrupted(stop.signum)
+                if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:  # sync rarely: keeps the device queue full
+                    seen = (i + 1) * config.batch_size
+                    bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.3f}",
+                                    acc=f"{int(np.sum(jax.device_get(corrects))) / seen:.2%}",
+                                    img_s=f"{(seen - first * config.batch_size) / (time.perf_counter() - start):.0f}")
+            step_losses = np.asarray(jax.device_get(losses))
+            seconds = time.perf_counter() - start
+            check_finite(step_losses, epoch, steps_per_epoch, checkpoints, workdir)
+            test = logit_metrics(predict(state, dataset.test_images), dataset.test_labels)
+            record = {"epoch": epoch + 1, "step": int(state.step),
+                      "lr": float(schedule(epoch * steps_per_epoch)),
+                      "train_loss": float(step_losses.mean()),
+                      "train_accuracy": int(np.sum(jax.device_get(corrects))) / (steps_per_epoch * config.batch_size),
+                      "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                      "seconds": seconds,
+                      "images_per_second": (steps_per_epoch - first) * config.batch_size / seconds}
+            history.append(record)
+            checkpoints.save(int(state.step), state, {**meta, "history": history},
+                             metrics={"test_accuracy": record["test_accuracy"]})
+            if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates checkpoints
+                write_json(workdir / "metrics.json", history)
+            tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
+                       f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
+                       f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
+                       f"| {seconds:.1f}s")
 
     summary = summarize(history, num_params)
     print(format_summary(config.norm, summary))
     return {"state": state, "history": history, "num_params": num_params, "summary": summary}
+
+
+def check_finite(step_losses: np.ndarray, epoch: int, steps_per_epoch: int, checkpoints: RunCheckpoints,
+                 workdir: Path) -> None:
+    """TrainingError naming the first non-finite step; called before any save, so none is bad."""
+    if np.all(np.isfinite(step_losses)):
+        return
+    bad = int(np.argmax(~np.isfinite(step_losses)))
+    checkpoints.wait()
+    last = checkpoints.latest_step()
+    kept = f"the last good checkpoint is step {last} in {workdir}" if last is not None else "no checkpoint was saved"
+    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1}; {kept} "
+                        "(try a lower --lr)")
+
+
+@contextlib.contextmanager
+def checkpoints_closed(checkpoints: RunCheckpoints):
+    """Close `checkpoints` on every way out, so a save in flight completes before an error exits."""
+    try:
+        yield checkpoints
+    finally:
+        checkpoints.close()
+
+
+class stop_requests:
+    """Within `with stop_requests() as stop:`, SIGINT/SIGTERM set `stop.signum` instead of killing the
+    process (a second one raises KeyboardInterrupt at once); the previous handlers come back on exit.
+    Only the main thread can own signal handlers: elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def check_same_run(config: Config, saved: Config) -> None:

@@ -3,11 +3,15 @@
     python scripts/train.py --norm gn                      # CIFAR-10 through TFDS
     python scripts/train.py --norm bn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz
     python scripts/train.py --norm bn --resume             # continue checkpoints/bn
+
+Ctrl-C or SIGTERM: the current step finishes, a checkpoint is saved, the command that resumes is
+printed and the exit status is 128 + the signal number (130 for Ctrl-C).
 """
 
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -48,7 +52,8 @@ def parse_args(argv=None):
     o.add_argument("--seed", type=int, default=DEFAULTS.seed, help="same seed, same result (default %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--workdir", help="run folder for checkpoints and metrics (default checkpoints/<norm>)")
-    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir "
+                   "(starts a new run, with a note, if it holds none yet)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines only)")
     return p.parse_args(argv)
 
@@ -61,16 +66,26 @@ def config_from_args(args) -> Config:
     return Config(**values).validate()
 
 
+def resume_command(argv) -> str:
+    """The command line that continues this run."""
+    return shlex.join(["python", sys.argv[0], *[a for a in argv if a != "--resume"], "--resume"])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = config_from_args(args)
     from jaxnorm.parallel import initialize_multihost
-    from jaxnorm.train import TrainingError, train_and_evaluate  # after validation: jax import is slow
+    from jaxnorm.train import TrainingError, TrainingInterrupted, train_and_evaluate  # after validation
 
     def run():
         initialize_multihost()
-        train_and_evaluate(config, args.workdir or os.path.join("checkpoints", config.norm),
-                           resume=args.resume, progress=not args.no_progress)
+        try:
+            train_and_evaluate(config, args.workdir or os.path.join("checkpoints", config.norm),
+                               resume=args.resume, progress=not args.no_progress)
+        except TrainingInterrupted as e:
+            print(f"interrupted: {e}\nresume with: {resume_command(argv)}", file=sys.stderr)
+            sys.exit(128 + e.signum)
 
     run_main(run, extra_errors=(TrainingError,))
 
