@@ -1,6 +1,9 @@
 """Every knob of a run in one dataclass; the defaults are the seed CIFAR-10 recipe.
 
-    python scripts/train.py --norm bn      # seed recipe, BatchNorm, 20 epochs, batch 128
+    python scripts/train.py --norm bn                   # seed recipe, BatchNorm, 20 epochs, batch 128
+    python scripts/train.py --dataset mnist --norm gn   # the MNIST net, 15 epochs, batch 64, 2 groups
+
+The dataset-dependent defaults live in one place, `DATASET_DEFAULTS`, applied by `Config.for_dataset`.
 
 `Config` is saved inside every checkpoint, so a run can be rebuilt (model, data, schedule) from its
 folder alone.
@@ -9,10 +12,19 @@ folder alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 NORMS = ("bn", "gn", "ln")
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "mnist", "synthetic")
+
+# The MNIST net's normalised layers (every conv but the last): GroupNorm's groups must divide each.
+MNIST_NORM_WIDTHS = (10, 16, 8, 16, 16, 16, 8, 10, 16)
+
+# Where a dataset's seed recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' 15
+# epochs and batch 64; 2 groups (the largest count dividing 10, 16 and 8); no flips (digits are not
+# mirror-symmetric).
+DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip": False}}
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
@@ -34,7 +46,9 @@ class Config:
     # Data.
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
-    crop: bool = False  # pad-4-and-crop on top of the seed's horizontal flips
+    flip: bool = True  # random horizontal flips (the CIFAR-10 seeds'); off for MNIST
+    crop: bool = False  # pad-4-and-crop on top of the flips
+    train_split: Optional[int] = None  # carve train (first N) and test (the rest) from one file set
     # Optimisation: SGD + momentum with a step-decay learning rate.
     epochs: int = 20
     batch_size: int = 128
@@ -43,9 +57,19 @@ class Config:
     lr_step_epochs: int = 10  # multiply the learning rate by lr_gamma every this many epochs
     lr_gamma: float = 0.1
     weight_decay: float = 5e-4
+    l1: float = 0.0  # adds l1 * sum |conv kernels| to the loss (any norm)
     label_smoothing: float = 0.0
     seed: int = 0
     eval_batch_size: int = 1000
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides) -> "Config":
+        """The defaults for `dataset` (`DATASET_DEFAULTS` over the CIFAR-10 ones), then `overrides`."""
+        return cls(**{"dataset": dataset, **DATASET_DEFAULTS.get(dataset, {}), **overrides})
+
+    def normalised_widths(self) -> tuple:
+        """Channel counts of the layers followed by a norm, in the network this config builds."""
+        return MNIST_NORM_WIDTHS if self.dataset == "mnist" else (self.width,)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -72,7 +96,13 @@ class Config:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.norm == "gn" and self.width % self.groups:
-            raise ConfigError(f"--groups {self.groups} does not divide the {self.width} channels of the "
-                              f"normalised layers: pick a divisor of {self.width}")
+        if not self.l1 >= 0:
+            raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
+        if self.train_split is not None and self.train_split <= 0:
+            raise ConfigError(f"--train-split must be positive, got {self.train_split}")
+        widths = self.normalised_widths()
+        if self.norm == "gn" and any(w % self.groups for w in widths):
+            bad = ", ".join(str(w) for w in dict.fromkeys(widths) if w % self.groups)
+            raise ConfigError(f"--groups {self.groups} does not divide the {bad} channels of the "
+                              f"normalised layers: pick a divisor of {math.gcd(*widths)}")
         return self

@@ -1,16 +1,23 @@
 """Datasets as uint8 NHWC arrays with int32 labels, and augmentation as jittable array functions.
 
 Sources, in the order `load_dataset` tries them:
-  * a local copy named by `--data-dir`: the official archives (`cifar-10-binary.tar.gz`,
-    `cifar-10-python.tar.gz`), their extracted folders, or a folder holding one of those;
+  * a local copy named by `--data-dir`: for CIFAR-10 the official archives (`cifar-10-binary.tar.gz`,
+    `cifar-10-python.tar.gz`), their extracted folders, or a folder holding one of those; for MNIST a
+    folder of the official idx files (`train-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`, ...,
+    gzipped or not);
   * TFDS (`tfds.data_source`, no TensorFlow needed), in `--data-dir`, `$TFDS_DATA_DIR` or
     ~/tensorflow_datasets, downloading when the machine has a network;
   * `synthetic`: small generated images for smoke runs and tests.
+
+`train_split=N` (`--train-split N`) carves one file set into the first N images for training and the
+rest for evaluation: the training files' images, or the test files' when there are no training images
+(as in ../shared/data/mnist, which holds only the 10,000 MNIST test images).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import pickle
 import socket
@@ -30,6 +37,15 @@ _CIFAR_PY_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where TFDS's cifar10 builder downloads from
 OFFLINE_HELP = ("download the official archive (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz "
                 "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH")
+
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+MNIST_DOWNLOAD_HOST = "storage.googleapis.com"  # where TFDS's mnist builder downloads from
+MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                      "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) on a machine with internet "
+                      "and pass their folder with --data-dir PATH")
+# dataset -> (TFDS host it downloads from, class names, what to do offline)
+TFDS_SOURCES = {"cifar10": (CIFAR10_DOWNLOAD_HOST, CIFAR10_CLASSES, OFFLINE_HELP),
+                "mnist": (MNIST_DOWNLOAD_HOST, MNIST_CLASSES, MNIST_OFFLINE_HELP)}
 
 
 class DataError(RuntimeError):
@@ -55,11 +71,42 @@ class Dataset:
         return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, *, synthetic_size=(512, 256)) -> Dataset:
+def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Optional[int] = None,
+                 synthetic_size=(512, 256)) -> Dataset:
+    """The dataset `name` as uint8 NHWC arrays; `train_split=N`: see `split_train_test`."""
     if name == "synthetic":
-        return synthetic_dataset(*synthetic_size)
-    if name != "cifar10":
+        data = synthetic_dataset(*synthetic_size)
+    elif name == "cifar10":
+        data = _load_cifar10(data_dir)
+    elif name == "mnist":
+        data = _load_mnist(data_dir)
+    else:
         raise DataError(f"unknown dataset {name!r}")
+    if train_split:
+        return split_train_test(data, train_split)
+    if len(data.train_images) == 0:
+        raise DataError(f"{data.source} has test images only (no training images file): pass --train-split N "
+                        f"to train on the first N of its {len(data.test_images)} images and test on the rest")
+    return data
+
+
+def split_train_test(data: Dataset, num_train: int) -> Dataset:
+    """The first `num_train` images of one file set as training data, the rest as test data.
+
+    The file set is the training one, or the test one when there are no training images.
+    """
+    pool, which = ((data.train_images, data.train_labels), "train") if len(data.train_images) else \
+        ((data.test_images, data.test_labels), "test")
+    n = len(pool[0])
+    if not 0 < num_train < n:
+        raise DataError(f"--train-split {num_train} must be between 1 and {n - 1}: the {which} images of "
+                        f"{data.source} number {n}")
+    return Dataset(pool[0][:num_train], pool[1][:num_train], pool[0][num_train:], pool[1][num_train:],
+                   data.class_names, source=f"{data.source} [{which} images split: first {num_train} train, "
+                                            f"last {n - num_train} test]")
+
+
+def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.exists():
@@ -70,7 +117,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, synthetic_size=(5
         if path.is_file():
             raise DataError(f"{data_dir} is not a CIFAR-10 archive (expected cifar-10-binary.tar.gz or "
                             "cifar-10-python.tar.gz)")
-    return load_tfds_cifar10(data_dir)
+    return load_tfds("cifar10", data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,26 +194,33 @@ def _parse_cifar_py(raw: bytes, name: str):
 # TFDS.
 
 
-def load_tfds_cifar10(data_dir: Optional[str]) -> Dataset:
-    """CIFAR-10 through TFDS (array_record data source, so no TensorFlow is needed)."""
+def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
+    """`cifar10` or `mnist` through TFDS (array_record data source, so no TensorFlow is needed)."""
     import tensorflow_datasets as tfds  # heavy import, only on this path
 
+    host, class_names, offline_help = TFDS_SOURCES[name]
+    label = {"cifar10": "CIFAR-10", "mnist": "MNIST"}[name]
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
     where = data_dir or "~/tensorflow_datasets"
-    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared() and not _can_reach(CIFAR10_DOWNLOAD_HOST):
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared() and not _can_reach(host):
         # Fail at once: TFDS would otherwise retry the download for minutes before giving up.
-        raise DataError(f"CIFAR-10 is not in {where} and this machine cannot reach {CIFAR10_DOWNLOAD_HOST} "
-                        f"to download it; {OFFLINE_HELP}")
+        raise DataError(f"{label} is not in {where} and this machine cannot reach {host} "
+                        f"to download it; {offline_help}")
     try:
-        sources = tfds.data_source("cifar10", split=["train", "test"], data_dir=data_dir, download=True,
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=True,
                                    builder_kwargs={"file_format": "array_record"})
     except Exception as e:  # no network, a half-prepared folder, ...: say what to do instead
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"CIFAR-10 is not in {where} and TFDS could not download it ({reason}); "
-                        f"{OFFLINE_HELP}") from None
+        raise DataError(f"{label} is not in {where} and TFDS could not download it ({reason}); "
+                        f"{offline_help}") from None
     (train_x, train_y), (test_x, test_y) = [_source_to_arrays(s) for s in sources]
-    return Dataset(train_x, train_y, test_x, test_y, CIFAR10_CLASSES, source=f"tfds:cifar10 ({data_dir or 'default dir'})")
+    return Dataset(train_x, train_y, test_x, test_y, class_names,
+                   source=f"tfds:{name} ({data_dir or 'default dir'})")
+
+
+def load_tfds_cifar10(data_dir: Optional[str]) -> Dataset:
+    return load_tfds("cifar10", data_dir)
 
 
 def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
@@ -182,6 +236,83 @@ def _source_to_arrays(source: Sequence[dict]):
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     labels = np.asarray([r["label"] for r in records], np.int32)
     return images, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST: the official idx files.
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+                "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+def _load_mnist(data_dir: Optional[str]) -> Dataset:
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise DataError(f"--data-dir {data_dir} does not exist")
+        folder = path.parent if path.is_file() else path
+        if _find_idx(folder, _MNIST_FILES["test_images"]) or _find_idx(folder, _MNIST_FILES["train_images"]):
+            return read_mnist_idx(folder)
+        if path.is_file():
+            raise DataError(f"{data_dir} is not an MNIST idx file (expected a folder holding "
+                            "t10k-images-idx3-ubyte.gz and friends)")
+    return load_tfds("mnist", data_dir)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    """`stem`, `stem.gz`, or the `train-images.idx3-ubyte` spelling some mirrors use."""
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem + ".gz", stem, dotted + ".gz", dotted):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One idx file (gzipped or not) as an array: magic 0,0,dtype,ndim; big-endian int32 dims; data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    start = 4 + 4 * ndim
+    if len(raw) - start != int(np.prod(dims)) * dtype.itemsize:
+        raise DataError(f"{path} is truncated or corrupt: dims {dims} need "
+                        f"{int(np.prod(dims)) * dtype.itemsize} bytes, found {len(raw) - start}")
+    return np.frombuffer(raw, dtype, offset=start).reshape(dims)
+
+
+def read_mnist_idx(folder: Path) -> Dataset:
+    """MNIST from a folder of the official idx files. The training pair is optional (0 images without
+    it); the test pair is required."""
+    folder = Path(folder)
+
+    def pair(split):
+        images_path = _find_idx(folder, _MNIST_FILES[f"{split}_images"])
+        labels_path = _find_idx(folder, _MNIST_FILES[f"{split}_labels"])
+        if images_path is None:
+            return None
+        if labels_path is None:
+            raise DataError(f"{folder} has {images_path.name} but no {_MNIST_FILES[f'{split}_labels']}(.gz)")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{images_path.name} {images.shape} and {labels_path.name} {labels.shape} "
+                            "are not a matching image/label pair")
+        return images.astype(np.uint8)[..., None], labels.astype(np.int32)
+
+    test = pair("test")
+    if test is None:
+        raise DataError(f"{folder} has no {_MNIST_FILES['test_images']}(.gz)")
+    train = pair("train") or (np.zeros((0, *test[0].shape[1:]), np.uint8), np.zeros((0,), np.int32))
+    return Dataset(*train, *test, class_names=MNIST_CLASSES, source=str(folder))
 
 
 # ----------------------------------------------------------------------------------------------

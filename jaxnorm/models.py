@@ -1,7 +1,11 @@
-"""The seed CNN for CIFAR-10, with the norm layer chosen once by name and injected.
+"""The seed CNNs, with the norm layer chosen once by name and injected.
 
-C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10: 3x3 convs (no bias) each followed by norm, ReLU and
-dropout; c3/c6 are 1x1 transitions followed by 2x2 max pooling; c10 is a 1x1 conv to the logits.
+SeedCNN (CIFAR-10), C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10: 3x3 convs (no bias) each followed by
+norm, ReLU and dropout; c3/c6 are 1x1 transitions followed by 2x2 max pooling; c10 is a 1x1 conv to the
+logits.
+
+MnistNet (MNIST, 10,224 parameters with any norm): convs with bias, each but the last followed by norm,
+ReLU and channel dropout; see the class docstring.
 """
 
 from __future__ import annotations
@@ -96,9 +100,57 @@ class SeedCNN(nn.Module):
                 conv("C7"), conv("C8"), conv("C9"), LayerSpec("GAP", None), one("c10"))
 
 
+class MnistNet(nn.Module):
+    """The seeds' 10,224-parameter MNIST network. Input: (N, 28, 28, 1) in [0, 255]; output: logits.
+
+    28x28: conv 1->10 3x3, conv 10->16 3x3, max pool 2, conv 16->8 1x1
+    14x14: conv 8->16 3x3, conv 16->16 3x3, conv 16->16 3x3, max pool 2, conv 16->8 1x1
+    7x7:   conv 8->10 3x3 valid (->5x5), conv 10->16 3x3 valid (->3x3), conv 16->10 1x1, avg pool 3
+
+    Every conv has a bias and all but the last are followed by norm, ReLU and channel dropout (whole
+    feature maps dropped). LayerNorm keeps a per-channel scale and bias, so the count is 10,224 for bn,
+    gn and ln alike (the seeds' elementwise-affine LayerNorm over C, H and W had 74,284).
+    """
+
+    norm: str = "bn"
+    groups: int = 2
+    dropout: float = 0.05
+    num_classes: int = 10
+    input_mean: Sequence[float] = (0.0,)
+    input_std: Sequence[float] = (1.0,)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = norm_layer(self.norm, train=train, groups=self.groups)
+        x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
+
+        def block(x, features, kernel, name, padding=0):  # conv -> norm -> ReLU -> channel dropout
+            x = nn.Conv(features, (kernel, kernel), padding=padding, name=name)(x)
+            x = nn.relu(norm(name=f"{name}_norm")(x))
+            return nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
+
+        x = block(x, 10, 3, "conv1", padding=1)
+        x = block(x, 16, 3, "conv2", padding=1)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = block(x, 8, 1, "conv3")
+        x = block(x, 16, 3, "conv4", padding=1)
+        x = block(x, 16, 3, "conv5", padding=1)
+        x = block(x, 16, 3, "conv6", padding=1)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = block(x, 8, 1, "conv7")
+        x = block(x, 10, 3, "conv8")  # 7 -> 5
+        x = block(x, 16, 3, "conv9")  # 5 -> 3
+        x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
+        return jnp.mean(x, axis=(1, 2))  # average pool 3 -> (N, num_classes)
+
+
 def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
-    """The model a config describes; `input_mean`/`input_std` are the training set's, in [0, 1] units."""
+    """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`
+    are the training set's per-channel statistics, in [0, 1] units."""
     config.validate()
+    if config.dataset == "mnist":
+        return MnistNet(norm=config.norm, groups=config.groups, dropout=config.dropout,
+                        input_mean=tuple(input_mean)[:1], input_std=tuple(input_std)[:1])
     return SeedCNN(norm=config.norm, groups=config.groups, width=config.width,
                    transition_width=config.transition_width, dropout=config.dropout, skip=config.skip,
                    input_mean=tuple(input_mean), input_std=tuple(input_std))
@@ -111,3 +163,10 @@ def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) 
 
 def count_params(params) -> int:
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def l1_penalty(params) -> jax.Array:
+    """Sum of |w| over every conv kernel (biases and norm scales/offsets excluded)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum((jnp.sum(jnp.abs(w)) for path, w in leaves if getattr(path[-1], "key", None) == "kernel"),
+               jnp.zeros((), jnp.float32))

@@ -38,10 +38,10 @@ from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, check_writable_workdir
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import Dataset, augment, load_dataset
-from jaxnorm.models import build_model, count_params, init_variables
+from jaxnorm.models import build_model, count_params, init_variables, l1_penalty
 
 # Fields that define the model and data of a run: resuming with another value is refused.
-RUN_IDENTITY = ("norm", "groups", "width", "transition_width", "skip", "dataset")
+RUN_IDENTITY = ("norm", "groups", "width", "transition_width", "skip", "dataset", "train_split")
 
 
 class TrainState(train_state.TrainState):
@@ -106,18 +106,20 @@ def make_train_step(config: Config, mesh):
         x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
         y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
         aug_key, dropout_key = jax.random.split(_step_key(config, 1, state.step))
-        x = augment(x, aug_key, flip=True, crop_padding=4 if config.crop else 0)
+        x = augment(x, aug_key, flip=config.flip, crop_padding=4 if config.crop else 0)
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
                                              train=True, rngs={"dropout": dropout_key},
                                              mutable=["batch_stats"])
             loss = cross_entropy(logits, y, config.label_smoothing).mean()
-            return loss, (logits, updates.get("batch_stats", {}))
+            l1 = config.l1 * l1_penalty(params) if config.l1 else jnp.zeros(())  # --l1: on conv kernels
+            return loss + l1, (loss, l1, logits, updates.get("batch_stats", {}))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, l1, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y)}
+        # "loss" is the cross-entropy alone (comparable with the test loss); "l1" the penalty added to it.
+        metrics = {"loss": loss, "l1": l1, "correct": jnp.sum(jnp.argmax(logits, -1) == y)}
         return state, metrics
 
     rep = parallel.replicated(mesh)
@@ -180,7 +182,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     config.validate()
     workdir = Path(workdir)
     check_writable_workdir(workdir)
-    dataset = dataset or load_dataset(config.dataset, config.data_dir)
+    dataset = dataset or load_dataset(config.dataset, config.data_dir, train_split=config.train_split)
     num_train = len(dataset.train_images)
     if config.batch_size > num_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")
@@ -282,6 +284,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             record = {"epoch": epoch + 1, "step": int(state.step),
                       "lr": float(schedule(epoch * steps_per_epoch)),
                       "train_loss": float(step_losses.mean()),
+                      # The --l1 penalty at the epoch's end (0 without --l1), kept apart from train_loss.
+                      "train_l1": config.l1 * float(l1_penalty(state.params)),
                       "train_accuracy": int(np.sum(jax.device_get(corrects))) / (steps_per_epoch * config.batch_size),
                       "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                       "seconds": seconds,

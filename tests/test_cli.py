@@ -12,6 +12,8 @@ from conftest import CIFAR_SUBSET, run_script
     (["--lr", "-1"], "--lr must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--data-dir", "/no/such/place"], "--data-dir /no/such/place does not exist"),
+    (["--dataset", "mnist", "--norm", "gn", "--groups", "4"], "--groups 4 does not divide the 10 channels"),
+    (["--l1", "-1"], "--l1 must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path):
     result = run_script("train.py", *args, "--workdir", tmp_path / "run")
@@ -27,7 +29,7 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--norm", "--groups", "--skip", "--data-dir", "--epochs", "--batch-size", "--lr",
                    "--lr-step-epochs", "--lr-gamma", "--weight-decay", "--label-smoothing", "--seed",
-                   "--workdir", "--resume"):
+                   "--workdir", "--resume", "--dataset", "--l1", "--train-split"):
         assert option in result.stdout
 
 
