@@ -143,6 +143,13 @@ class MnistNet(nn.Module):
         x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
         return jnp.mean(x, axis=(1, 2))  # average pool 3 -> (N, num_classes)
 
+    def spatial_layers(self) -> tuple[LayerSpec, ...]:
+        """The layer sequence as (name, kernel, stride, padding), for the receptive-field table."""
+        return (LayerSpec("conv1", 3, 1, 1), LayerSpec("conv2", 3, 1, 1), LayerSpec("pool1", 2, 2),
+                LayerSpec("conv3", 1), LayerSpec("conv4", 3, 1, 1), LayerSpec("conv5", 3, 1, 1),
+                LayerSpec("conv6", 3, 1, 1), LayerSpec("pool2", 2, 2), LayerSpec("conv7", 1),
+                LayerSpec("conv8", 3), LayerSpec("conv9", 3), LayerSpec("conv10", 1), LayerSpec("avgpool", None))
+
 
 def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
     """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`

@@ -104,7 +104,8 @@ def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset
     """The run's dataset (from its saved config, or `data_dir`), checked against what it was trained on."""
     from jaxnorm.data import load_dataset
 
-    dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir)
+    dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir,
+                           train_split=run.config.train_split)
     if tuple(dataset.image_shape) != tuple(run.meta["image_shape"]):
         raise DataError(f"the data has images of shape {dataset.image_shape} but the run was trained on "
                         f"{tuple(run.meta['image_shape'])}")

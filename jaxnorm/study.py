@@ -21,7 +21,8 @@ CIFAR10_TRAIN_SIZE = 50_000
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 # Fields a reused run must share with the study's config (seed and norm are in the folder name).
 STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
-                  "lr", "lr_step_epochs", "lr_gamma", "weight_decay", "dropout", "crop", "label_smoothing")
+                  "lr", "lr_step_epochs", "lr_gamma", "weight_decay", "dropout", "crop", "label_smoothing",
+                  "l1", "train_split")
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
@@ -88,24 +89,28 @@ def study_rows(records: dict[str, list[dict]]) -> list[dict]:
 
 
 def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, dataset_key: str,
-                skip: bool = False, command: Optional[str] = None) -> Path:
+                variant: str = "", command: Optional[str] = None) -> Path:
     """Write <out>/study.md and <out>/curves.png; the grids are copied in by the caller."""
     out = Path(out)
     if not records:
         raise CheckpointError("no runs to report")
-    suffix = "-skip" if skip else ""
+    suffix = variant  # "", "-skip", "-l1_1e-05", ...: keeps each variant's files apart
     rows = study_rows(records)
-    data = describe_data(dataset_key, dataset)
-    plot_curves({f"{NORM_NAMES[r['norm']]}{' + skip' if skip else ''}": [x["history"] for x in records[r["norm"]]]
-                 for r in rows}, out / "curves.png",
-                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "").replace("`", "")[:100])
     config = records[rows[0]["norm"]][0]["config"]
-    lines = [f"# Normalisation study{' (with skip connections)' if skip else ''}", "",
+    extras = (["skip connections"] if config.get("skip") else []) + \
+        ([f"L1 {config['l1']:g}"] if config.get("l1") else [])
+    extra = "".join(f" + {e}" for e in extras)
+    data = describe_data(dataset_key, dataset)
+    plot_curves({f"{NORM_NAMES[r['norm']]}{extra}": [x["history"] for x in records[r["norm"]]]
+                 for r in rows}, out / f"curves{suffix}.png",
+                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "").replace("`", "")[:100])
+    lines = [f"# Normalisation study{f' ({extra[3:]})' if extra else ''}", "",
              f"Data: {data}.", ""]
     if command:
         lines += ["Produced by:", "", "```bash", command, "```", ""]
-    lines += [f"Seed CNN (width {config['width']}/{config['transition_width']}"
-              f"{', skip connections' if skip else ''}), batch {config['batch_size']}, lr {config['lr']} "
+    net = ("MNIST net" if config["dataset"] == "mnist"
+           else f"Seed CNN (width {config['width']}/{config['transition_width']})")
+    lines += [f"{net}{extra}, batch {config['batch_size']}, lr {config['lr']} "
               f"x{config['lr_gamma']} every {config['lr_step_epochs']} epochs, seeds "
               f"{', '.join(map(str, rows[0]['seeds']))}. Accuracies: mean ± sample standard deviation over "
               "the seeds. Train accuracy is measured during each epoch (augmented, with dropout); test accuracy "
@@ -119,7 +124,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
                      f"{format_mean_std(r['best_train'])} | {format_mean_std(r['best_test'])} | "
                      f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
     lines += ["", "Loss and accuracy per epoch (train dashed, test solid; mean over seeds):", "",
-              "![curves](curves.png)", "",
+              f"![curves](curves{suffix}.png)", "",
               f"Misclassified test images of seed {rows[0]['seeds'][0]}'s best checkpoint:", ""]
     for r in rows:
         lines += [f"![{r['norm']} misclassified](misclassified-{r['norm']}{suffix}.png)", ""]

@@ -26,15 +26,17 @@ DEFAULTS = Config()
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset, help="(default %(default)s)")
-    p.add_argument("--data-dir", help="CIFAR-10 archive, its extracted folder or a TFDS data dir")
+    p.add_argument("--data-dir", help="CIFAR-10 archive / MNIST idx folder, or a TFDS data dir")
+    p.add_argument("--train-split", type=int, help="carve train/test from one file set (see train.py --help)")
+    p.add_argument("--l1", type=float, default=0.0, help="L1 weight on conv kernels (default 0)")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="(default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="(default %(default)s)")
-    p.add_argument("--groups", type=int, default=DEFAULTS.groups, help="GroupNorm groups (default %(default)s)")
+    p.add_argument("--epochs", type=int, help="(default: the dataset's, 20 for cifar10, 15 for mnist)")
+    p.add_argument("--groups", type=int, help="GroupNorm groups (default: the dataset's, 8 for cifar10, 2 for mnist)")
     p.add_argument("--preset", choices=sorted(WIDTH_PRESETS), default="seed",
                    help="channel widths: " + ", ".join(f"{k}={w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()))
     p.add_argument("--skip", action="store_true", help="residual connections around the 3x3 convs")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, help="(default: the dataset's, 128 for cifar10, 64 for mnist)")
     p.add_argument("--runs", help="folder of the run folders (default checkpoints/study/<dataset name>)")
     p.add_argument("--out", help="report folder (default results/<dataset name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,8 +49,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     width, transition = WIDTH_PRESETS[args.preset]
-    base = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, groups=args.groups,
-                  width=width, transition_width=transition, skip=args.skip, batch_size=args.batch_size)
+    given = {k: getattr(args, k) for k in ("epochs", "groups", "batch_size", "train_split")
+             if getattr(args, k) is not None}
+    base = Config.for_dataset(args.dataset, data_dir=args.data_dir, width=width, transition_width=transition,
+                              skip=args.skip, l1=args.l1, **given)
+    variant = ("-skip" if args.skip else "") + (f"-l1_{args.l1:g}" if args.l1 else "")
     for norm in args.norms:
         base.replace(norm=norm).validate()
 
@@ -57,7 +62,7 @@ def main(argv=None):
     from jaxnorm.study import dataset_name, finished_epochs, run_history, write_study
     from jaxnorm.train import train_and_evaluate
 
-    dataset = load_dataset(args.dataset, args.data_dir)
+    dataset = load_dataset(args.dataset, args.data_dir, train_split=base.train_split)
     name = dataset_name(args.dataset, dataset)
     runs_root = Path(args.runs or os.path.join("checkpoints", "study", name))
     out = Path(args.out or os.path.join("results", name))
@@ -67,9 +72,9 @@ def main(argv=None):
     for norm in args.norms:
         for seed in args.seeds:
             config = base.replace(norm=norm, seed=seed)
-            workdir = runs_root / f"{norm}{'-skip' if args.skip else ''}-s{seed}"
+            workdir = runs_root / f"{norm}{variant}-s{seed}"
             done = finished_epochs(workdir, config)
-            if done >= args.epochs:
+            if done >= base.epochs:
                 print(f"{workdir}: finished ({done} epochs), reused")
             else:
                 print(f"{workdir}: training {norm} seed {seed}" + (f" (resuming at epoch {done})" if done else ""))
@@ -78,10 +83,10 @@ def main(argv=None):
             record = write_run_report(restore_run(workdir), dataset)
             record["history"] = run_history(workdir)
             records.setdefault(norm, []).append(record)
-        shutil.copyfile(runs_root / f"{norm}{'-skip' if args.skip else ''}-s{args.seeds[0]}" / "misclassified.png",
-                        out / f"misclassified-{norm}{'-skip' if args.skip else ''}.png")
+        shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
+                        out / f"misclassified-{norm}{variant}.png")
     command = " ".join(["python", "scripts/study.py", *sys.argv[1:]])
-    path = write_study(records, dataset, out, dataset_key=args.dataset, skip=args.skip, command=command)
+    path = write_study(records, dataset, out, dataset_key=args.dataset, variant=variant, command=command)
     print(f"wrote {path}")
 
 

@@ -143,3 +143,17 @@ def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
     assert "5,085-image CIFAR-10 subset, not CIFAR-10" in text and "subset.tar.gz" in text
     assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 65.00% ± 7.07% |" in text
     assert "| GroupNorm (`gn`) | 34,872 | 40.00% |" in text and (tmp_path / "curves.png").is_file()
+
+
+def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
+    import jax.numpy as jnp
+
+    model = build_model(Config.for_dataset("mnist"), (0.0,), (1.0,))
+    table = receptive_field(model.spatial_layers(), 28)
+    rows = {r["layer"]: r for r in table}
+    assert [rows[n]["output_size"] for n in ("pool1", "pool2", "conv8", "conv9", "avgpool")] == [14, 7, 5, 3, 1]
+    assert rows["conv9"]["rf"] == 36 and rows["avgpool"]["rf"] == 44
+    # The declared layers agree with the module: conv9's real output is 3x3.
+    _, state = model.apply(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))), jnp.zeros((1, 28, 28, 1)),
+                           capture_intermediates=lambda mdl, _: mdl.name == "conv9", mutable=["intermediates"])
+    assert state["intermediates"]["conv9"]["__call__"][0].shape[1:3] == (3, 3)
