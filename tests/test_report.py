@@ -114,15 +114,15 @@ def test_restore_of_a_folder_without_checkpoints_is_a_checkpoint_error(tmp_path)
         restore_run(tmp_path)
 
 
-@pytest.mark.parametrize("make", ["missing", "empty"])
-def test_evaluate_script_on_a_bad_folder_is_one_line_and_non_zero(make, tmp_path):
+@pytest.mark.parametrize("make, message", [("missing", "does not exist"), ("empty", "no checkpoints")])
+def test_evaluate_script_on_a_bad_folder_is_one_line_and_non_zero(make, message, tmp_path):
     workdir = tmp_path / "run"
     if make == "empty":
         (workdir / "ckpt").mkdir(parents=True)
     result = run_script("evaluate.py", "--workdir", workdir)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoints" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
 
 
 def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
