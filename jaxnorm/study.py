@@ -17,7 +17,8 @@ from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import Dataset
 from jaxnorm.report import _quiet_absl, format_mean_std, plot_curves
 
-CIFAR10_TRAIN_SIZE = 50_000
+BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
+BENCHMARK_TITLE = {"cifar10": "CIFAR-10", "mnist": "MNIST"}
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 # Fields a reused run must share with the study's config (seed and norm are in the folder name).
 STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
@@ -26,22 +27,23 @@ STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip",
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
-    """A folder name for the data: cifar10 for the full set, cifar10-subset-<N> for a part of it."""
+    """A folder name for the data: cifar10 / mnist for the benchmark sets, <name>-subset-<N> otherwise."""
     n = len(dataset.train_images)
-    if name == "cifar10" and n != CIFAR10_TRAIN_SIZE:
-        return f"cifar10-subset-{n}"
+    if name in BENCHMARK_TRAIN_SIZE and n != BENCHMARK_TRAIN_SIZE[name]:
+        return f"{name}-subset-{n}"
     return name
 
 
 def describe_data(name: str, dataset: Dataset) -> str:
     n, m = len(dataset.train_images), len(dataset.test_images)
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
-    if name == "cifar10" and n != CIFAR10_TRAIN_SIZE:
-        return (f"**{n:,}-image CIFAR-10 subset, not CIFAR-10** ({text}): accuracies here are not "
-                "comparable with CIFAR-10 results")
     if name == "synthetic":
         return f"**synthetic data** (smoke test, {text}): not a result"
-    return f"CIFAR-10 ({text})"
+    title = BENCHMARK_TITLE[name]
+    if n != BENCHMARK_TRAIN_SIZE[name]:
+        return (f"**{n:,}-image {title} subset, not {title}** ({text}): accuracies here are not "
+                f"comparable with {title} results")
+    return f"{title} ({text})"
 
 
 def run_history(workdir: Path) -> list[dict]:
@@ -103,7 +105,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     data = describe_data(dataset_key, dataset)
     plot_curves({f"{NORM_NAMES[r['norm']]}{extra}": [x["history"] for x in records[r["norm"]]]
                  for r in rows}, out / f"curves{suffix}.png",
-                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | " + data.replace("**", "").replace("`", "")[:100])
+                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | "
+                      + data.replace("**", "").replace("`", "").split(" (")[0])  # the data's name, not its path
     lines = [f"# Normalisation study{f' ({extra[3:]})' if extra else ''}", "",
              f"Data: {data}.", ""]
     if command:
