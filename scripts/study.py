@@ -78,7 +78,7 @@ def main(argv=None):
                 print(f"{workdir}: finished ({done} epochs), reused")
             else:
                 print(f"{workdir}: training {norm} seed {seed}" + (f" (resuming at epoch {done})" if done else ""))
-                train_and_evaluate(config, workdir, resume=done > 0, dataset=dataset,
+                train_and_evaluate(config, workdir, resume=True, dataset=dataset,  # also picks up a Ctrl-C checkpoint
                                    progress=not args.no_progress)
             record = write_run_report(restore_run(workdir), dataset)
             record["history"] = run_history(workdir)
