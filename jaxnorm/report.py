@@ -60,7 +60,7 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
             raise CheckpointError(f"{workdir} holds no checkpoints yet (empty {checkpoints.directory.name}/ "
                                   "folder): has the run finished an epoch?")
         if step is None:
-            step = best_kept_step(checkpoints)
+            step = checkpoints.require_best_step()
         meta = checkpoints.restore_meta(step)
         if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
             raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no config in it)")
@@ -85,19 +85,6 @@ def _quiet_absl():
         yield
     finally:
         logger.setLevel(level)
-
-
-def best_kept_step(checkpoints: RunCheckpoints) -> int:
-    """The kept checkpoint with the highest test accuracy, from the latest checkpoint's history.
-
-    (The manager's own best_step() needs `best_fn` in its options; the training run keeps the best
-    through a preservation policy instead, so the choice is made here from the recorded history.)
-    """
-    steps = checkpoints.all_steps()
-    latest = max(steps)
-    history = checkpoints.restore_meta(latest).get("history", [])
-    kept = [h for h in history if h.get("step") in steps and "test_accuracy" in h]
-    return max(kept, key=lambda h: h["test_accuracy"])["step"] if kept else latest
 
 
 def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset:
