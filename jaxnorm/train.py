@@ -216,7 +216,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         state, saved = checkpoints.restore(latest, abstract_like(state, parallel.replicated(mesh)))
         history, partial = saved["history"], saved.get("partial")
         # The checkpoint is the truth: drop epochs a kill left in metrics.json but not in a checkpoint.
-        write_json(workdir / "metrics.json", history)
+        if jax.process_index() == 0:
+            write_json(workdir / "metrics.json", history)
         where = f" + {len(partial['losses'])}/{steps_per_epoch} steps" if partial else ""
         print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)}{where})")
     meta = {"config": config.to_dict(), "input_mean": input_mean, "input_std": input_std,
