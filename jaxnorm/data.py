@@ -43,9 +43,9 @@ MNIST_DOWNLOAD_HOST = "storage.googleapis.com"  # where TFDS's mnist builder dow
 MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) on a machine with internet "
                       "and pass their folder with --data-dir PATH")
-# dataset -> (TFDS host it downloads from, class names, what to do offline)
-TFDS_SOURCES = {"cifar10": (CIFAR10_DOWNLOAD_HOST, CIFAR10_CLASSES, OFFLINE_HELP),
-                "mnist": (MNIST_DOWNLOAD_HOST, MNIST_CLASSES, MNIST_OFFLINE_HELP)}
+# dataset -> (display name, TFDS host it downloads from, class names, what to do offline)
+TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_DOWNLOAD_HOST, CIFAR10_CLASSES, OFFLINE_HELP),
+                "mnist": ("MNIST", MNIST_DOWNLOAD_HOST, MNIST_CLASSES, MNIST_OFFLINE_HELP)}
 
 
 class DataError(RuntimeError):
@@ -74,6 +74,8 @@ class Dataset:
 def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Optional[int] = None,
                  synthetic_size=(512, 256)) -> Dataset:
     """The dataset `name` as uint8 NHWC arrays; `train_split=N`: see `split_train_test`."""
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
+        raise DataError(f"--data-dir {data_dir} does not exist")
     if name == "synthetic":
         data = synthetic_dataset(*synthetic_size)
     elif name == "cifar10":
@@ -109,8 +111,6 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
 def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
-        if not path.exists():
-            raise DataError(f"--data-dir {data_dir} does not exist")
         local = find_cifar10_archive(path)
         if local is not None:
             return read_cifar10_archive(local)
@@ -198,8 +198,7 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
     """`cifar10` or `mnist` through TFDS (array_record data source, so no TensorFlow is needed)."""
     import tensorflow_datasets as tfds  # heavy import, only on this path
 
-    host, class_names, offline_help = TFDS_SOURCES[name]
-    label = {"cifar10": "CIFAR-10", "mnist": "MNIST"}[name]
+    label, host, class_names, offline_help = TFDS_SOURCES[name]
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
     where = data_dir or "~/tensorflow_datasets"
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -217,10 +216,6 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
     (train_x, train_y), (test_x, test_y) = [_source_to_arrays(s) for s in sources]
     return Dataset(train_x, train_y, test_x, test_y, class_names,
                    source=f"tfds:{name} ({data_dir or 'default dir'})")
-
-
-def load_tfds_cifar10(data_dir: Optional[str]) -> Dataset:
-    return load_tfds("cifar10", data_dir)
 
 
 def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
@@ -249,8 +244,6 @@ _MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "trai
 def _load_mnist(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
-        if not path.exists():
-            raise DataError(f"--data-dir {data_dir} does not exist")
         folder = path.parent if path.is_file() else path
         if _find_idx(folder, _MNIST_FILES["test_images"]) or _find_idx(folder, _MNIST_FILES["train_images"]):
             return read_mnist_idx(folder)

@@ -14,11 +14,10 @@ from typing import Optional
 
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints
 from jaxnorm.config import Config, ConfigError
-from jaxnorm.data import Dataset
+from jaxnorm.data import TFDS_SOURCES, Dataset
 from jaxnorm.report import _quiet_absl, format_mean_std, plot_curves
 
 BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
-BENCHMARK_TITLE = {"cifar10": "CIFAR-10", "mnist": "MNIST"}
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 # Fields a reused run must share with the study's config (seed and norm are in the folder name).
 STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
@@ -39,7 +38,7 @@ def describe_data(name: str, dataset: Dataset) -> str:
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
     if name == "synthetic":
         return f"**synthetic data** (smoke test, {text}): not a result"
-    title = BENCHMARK_TITLE[name]
+    title = TFDS_SOURCES[name][0]  # "CIFAR-10", "MNIST"
     if n != BENCHMARK_TRAIN_SIZE[name]:
         return (f"**{n:,}-image {title} subset, not {title}** ({text}): accuracies here are not "
                 f"comparable with {title} results")

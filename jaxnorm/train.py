@@ -245,7 +245,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                                    f"step {step} in {workdir}", signum, step)
 
     start_epoch, start_index = divmod(int(state.step), steps_per_epoch)
-    with checkpoints_closed(checkpoints), stop_requests() as stop:
+    with contextlib.closing(checkpoints), stop_requests() as stop:  # close: finish a save in flight
         for epoch in range(start_epoch, config.epochs):
             if stop.signum is not None:  # arrived during the last step of an epoch: that epoch is saved
                 raise interrupted(stop.signum)
@@ -317,15 +317,6 @@ def check_finite(step_losses: np.ndarray, epoch: int, steps_per_epoch: int, chec
     kept = f"the last good checkpoint is step {last} in {workdir}" if last is not None else "no checkpoint was saved"
     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1}; {kept} "
                         "(try a lower --lr)")
-
-
-@contextlib.contextmanager
-def checkpoints_closed(checkpoints: RunCheckpoints):
-    """Close `checkpoints` on every way out, so a save in flight completes before an error exits."""
-    try:
-        yield checkpoints
-    finally:
-        checkpoints.close()
 
 
 class stop_requests:
