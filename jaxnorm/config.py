@@ -16,6 +16,7 @@ import math
 from typing import Optional
 
 NORMS = ("bn", "gn", "ln")
+SCHEDULES = ("step", "linear", "cosine")
 DATASETS = ("cifar10", "mnist", "synthetic")
 
 # The MNIST net's normalised layers (every conv but the last): GroupNorm's groups must divide each.
@@ -49,11 +50,14 @@ class Config:
     flip: bool = True  # random horizontal flips (the CIFAR-10 seeds'); off for MNIST
     crop: bool = False  # pad-4-and-crop on top of the flips
     train_split: Optional[int] = None  # carve train (first N) and test (the rest) from one file set
-    # Optimisation: SGD + momentum with a step-decay learning rate.
+    # Optimisation: SGD + momentum; the learning rate follows `schedule`.
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.05  # the peak learning rate
     momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "step"  # step: x lr_gamma every lr_step_epochs; linear / cosine: decay to 0 at the end
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr (linear and cosine schedules)
     lr_step_epochs: int = 10  # multiply the learning rate by lr_gamma every this many epochs
     lr_gamma: float = 0.1
     weight_decay: float = 5e-4
@@ -92,6 +96,10 @@ class Config:
                      "lr_step_epochs", "groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:

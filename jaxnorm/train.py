@@ -65,15 +65,24 @@ class TrainingInterrupted(TrainingError):
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-    """Step decay: lr * gamma ** (epoch // lr_step_epochs), as torch's StepLR."""
-    return optax.exponential_decay(config.lr, transition_steps=config.lr_step_epochs * steps_per_epoch,
-                                   decay_rate=config.lr_gamma, staircase=True)
+    """step: lr * gamma ** (epoch // lr_step_epochs), as torch's StepLR. linear / cosine: a linear
+    warm-up over warmup_epochs, then a linear or cosine decay that reaches 0 at the last step."""
+    if config.schedule == "step":
+        return optax.exponential_decay(config.lr, transition_steps=config.lr_step_epochs * steps_per_epoch,
+                                       decay_rate=config.lr_gamma, staircase=True)
+    total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+    decay = (optax.cosine_decay_schedule(config.lr, total - warmup) if config.schedule == "cosine" else
+             optax.linear_schedule(config.lr, 0.0, total - warmup))
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     # Weight decay added to the gradient before momentum, as torch.optim.SGD(weight_decay=...).
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum))
+                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                                 nesterov=config.nesterov))
 
 
 def create_train_state(model: nn.Module, config: Config, image_shape, steps_per_epoch: int) -> TrainState:

@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import DATASET_DEFAULTS, DATASETS, NORMS, WIDTH_PRESETS, Config  # noqa: E402
+from jaxnorm.config import DATASET_DEFAULTS, DATASETS, NORMS, SCHEDULES, WIDTH_PRESETS, Config  # noqa: E402
 
 DEFAULTS = Config()
 
@@ -59,6 +59,12 @@ def parse_args(argv=None):
     o.add_argument("--batch-size", type=int, help="global batch " + _default("batch_size"))
     o.add_argument("--lr", type=float, default=DEFAULTS.lr, help="initial learning rate (default %(default)s)")
     o.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="(default %(default)s)")
+    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    o.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                   help="step: x --lr-gamma every --lr-step-epochs; linear/cosine: decay to 0 at the last "
+                   "step, after --warmup-epochs of linear warm-up (default %(default)s)")
+    o.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs,
+                   help="linear warm-up epochs for the linear and cosine schedules (default %(default)s)")
     o.add_argument("--lr-step-epochs", type=int, default=DEFAULTS.lr_step_epochs,
                    help="multiply the learning rate by --lr-gamma every this many epochs (default %(default)s)")
     o.add_argument("--lr-gamma", type=float, default=DEFAULTS.lr_gamma, help="(default %(default)s)")

@@ -4,9 +4,9 @@ import pytest
 
 from jaxnorm import parallel
 from jaxnorm.checkpoint import RunCheckpoints, abstract_like
-from jaxnorm.config import ConfigError
+from jaxnorm.config import Config, ConfigError
 from jaxnorm.models import build_model
-from jaxnorm.train import (TrainingError, create_train_state, logit_metrics, make_epoch_order,
+from jaxnorm.train import (TrainingError, create_train_state, learning_rate_schedule, logit_metrics, make_epoch_order,
                            make_predict, make_train_step, train_and_evaluate)
 
 
@@ -107,3 +107,23 @@ def test_resume_with_another_norm_names_the_difference(tiny_config, tiny_data, t
 def test_batch_larger_than_the_training_set_is_rejected(tiny_config, tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="larger than the 64 training images"):
         train_and_evaluate(tiny_config.replace(batch_size=128), tmp_path, dataset=tiny_data, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0.0, 2.0])
+def test_decaying_schedules_warm_up_peak_and_end_at_zero(schedule, warmup):
+    config = Config(schedule=schedule, warmup_epochs=warmup, epochs=10, lr=0.2)
+    lr = learning_rate_schedule(config, steps_per_epoch=7)
+    values = np.array([float(lr(i)) for i in range(70 + 1)])
+    peak = round(warmup * 7)
+    assert values[peak] == pytest.approx(0.2)
+    assert values.max() == pytest.approx(0.2)
+    assert values[-1] == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.diff(values[peak:]) <= 1e-7)  # never rises after the peak
+    if warmup:
+        assert values[0] == 0.0 and np.all(np.diff(values[:peak + 1]) > 0)
+
+
+def test_step_schedule_is_torch_steplr():
+    lr = learning_rate_schedule(Config(lr=0.1, lr_step_epochs=3, lr_gamma=0.5), steps_per_epoch=4)
+    assert [float(lr(e * 4)) for e in range(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])
