@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnorm import layers
 from jaxnorm.config import Config, ConfigError
 
 
@@ -63,13 +64,13 @@ class SeedCNN(nn.Module):
         x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
 
         def conv(x, name):  # 3x3 conv -> norm -> ReLU -> dropout, residual where the shapes allow
-            y = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name=name)(x)
+            y = layers.Conv(self.width, (3, 3), padding=1, use_bias=False, name=name)(x)
             y = nn.relu(norm(name=f"{name}_norm")(y))
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
             return x + y if self.skip and x.shape[-1] == y.shape[-1] else y
 
         def transition(x, name):  # 1x1 conv then 2x2 max pool
-            x = nn.Conv(self.transition_width, (1, 1), use_bias=False, name=name)(x)
+            x = layers.Conv(self.transition_width, (1, 1), use_bias=False, name=name)(x)
             return nn.max_pool(x, (2, 2), strides=(2, 2))
 
         # Keep this sequence in step with `spatial_layers` below.
@@ -84,7 +85,7 @@ class SeedCNN(nn.Module):
         x = conv(x, "C8")
         x = conv(x, "C9")
         x = jnp.mean(x, axis=(1, 2), keepdims=True)  # GAP
-        x = nn.Conv(self.num_classes, (1, 1), use_bias=False, name="c10")(x)
+        x = layers.Conv(self.num_classes, (1, 1), use_bias=False, name="c10")(x)
         return x.reshape(x.shape[0], self.num_classes)
 
     def spatial_layers(self) -> tuple[LayerSpec, ...]:
@@ -125,7 +126,7 @@ class MnistNet(nn.Module):
         x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
 
         def block(x, features, kernel, name, padding=0):  # conv -> norm -> ReLU -> channel dropout
-            x = nn.Conv(features, (kernel, kernel), padding=padding, name=name)(x)
+            x = layers.Conv(features, (kernel, kernel), padding=padding, name=name)(x)
             x = nn.relu(norm(name=f"{name}_norm")(x))
             return nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
 
@@ -140,7 +141,7 @@ class MnistNet(nn.Module):
         x = block(x, 8, 1, "conv7")
         x = block(x, 10, 3, "conv8")  # 7 -> 5
         x = block(x, 16, 3, "conv9")  # 5 -> 3
-        x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
+        x = layers.Conv(self.num_classes, (1, 1), name="conv10")(x)
         return jnp.mean(x, axis=(1, 2))  # average pool 3 -> (N, num_classes)
 
     def spatial_layers(self) -> tuple[LayerSpec, ...]:
