@@ -3,9 +3,10 @@
     python benchmarks/profile_step.py bn train     # or: gn eval, ...
 """
 import collections, glob, os, shutil, sys, tempfile
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("JAXNORM_CPU_DEVICES", "1")
 import jaxnorm
+
+jaxnorm.setup_cpu_devices()
 import jax, jax.numpy as jnp, optax
 from jax._src.lib import _profile_data
 from jaxnorm.config import Config
