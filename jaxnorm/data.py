@@ -287,6 +287,8 @@ def _load_mnist(data_dir: Optional[str]) -> Dataset:
         folder = path.parent if path.is_file() else path
         if _find_idx(folder, _MNIST_FILES["test_images"]) or _find_idx(folder, _MNIST_FILES["train_images"]):
             return read_mnist_idx(folder)
+        if is_image_folder(path):
+            raise DataError(f"{data_dir} is an image folder, not the MNIST idx files: use --dataset folder")
         if path.is_file():
             raise DataError(f"{data_dir} is not an MNIST idx file (expected a folder holding "
                             "t10k-images-idx3-ubyte.gz and friends)")

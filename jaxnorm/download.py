@@ -147,6 +147,9 @@ def fetch(remote: RemoteFile, dest: Path, check: Callable[[Path], object] = lamb
             check(tmp)
         except Exception as e:  # the reader's own error, whatever its type
             raise DownloadError(f"the file downloaded from {remote.url} cannot be read ({e}); it was removed") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide a shared data folder from other users
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)  # after a failure, or an interrupt: nothing half-written stays
@@ -160,9 +163,10 @@ def _stream(remote: RemoteFile, out) -> tuple[str, int]:
         response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         raise DownloadError(f"cannot download {remote.url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:  # DNS failure, refused connection, ...
+    except urllib.error.URLError as e:  # DNS failure, refused connection, a missing file:// path
         reason = getattr(e.reason, "strerror", None) or e.reason
-        raise DownloadError(f"cannot download {remote.url}: {reason} (no network?)") from None
+        hint = " (no network?)" if remote.url.startswith(("http:", "https:")) else ""
+        raise DownloadError(f"cannot download {remote.url}: {reason}{hint}") from None
     except (OSError, http.client.HTTPException) as e:  # a timeout while connecting
         raise DownloadError(f"cannot download {remote.url}: {e or type(e).__name__} (no network?)") from None
     sha, size = hashlib.sha256(), 0
