@@ -220,14 +220,12 @@ def _parse_cifar_py(raw: bytes, name: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# TFDS.
+# The official files without a local copy: a previous download, a prepared TFDS dataset, a download now.
 
 
 def load_official(name: str, data_dir: Optional[str]) -> Dataset:
     """`cifar10` or `mnist` from a previous download, else a prepared TFDS dataset, else downloaded now."""
     label, _, offline_help = TFDS_SOURCES[name]
-    read = read_mnist_idx if name == "mnist" else lambda folder: read_cifar10_archive(
-        folder / download.OFFICIAL["cifar10"][0].name)
     folder = download.cached(name, data_dir)
     if folder is None:
         prepared = load_prepared_tfds(name, data_dir)
@@ -240,7 +238,9 @@ def load_official(name: str, data_dir: Optional[str]) -> Dataset:
         except download.DownloadError as e:
             raise DataError(f"{label} is not in {download.data_root(data_dir)} and could not be downloaded "
                             f"({e}); {offline_help}") from None
-    return read(folder)
+    if name == "mnist":
+        return read_mnist_idx(folder)
+    return read_cifar10_archive(folder / download.OFFICIAL["cifar10"][0].name)
 
 
 def load_prepared_tfds(name: str, data_dir: Optional[str]) -> Optional[Dataset]:
