@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -92,13 +93,17 @@ def remote_files(dataset: str) -> tuple[RemoteFile, ...]:
 
 def _parse_checksums(dataset: str, text: str, variable: str) -> dict:
     if dataset == "cifar10":  # one digest
-        return {OFFICIAL["cifar10"][0].name: text.lower()}
-    words = text.split()  # sha256sum output: "<digest> [*]<name>" per line
-    sums = {name.lstrip("*"): digest.lower() for digest, name in zip(words[::2], words[1::2])}
-    missing = [f.name for f in OFFICIAL[dataset] if f.name not in sums]
-    if len(words) % 2 or missing:
-        raise DownloadError(f"{variable} must be sha256sum output naming all four files; it lacks "
-                            f"{', '.join(missing) or 'a file name'}")
+        sums = {OFFICIAL["cifar10"][0].name: text.lower()}
+    else:
+        words = text.split()  # sha256sum output: "<digest> [*]<name>" per line
+        sums = {name.lstrip("*"): digest.lower() for digest, name in zip(words[::2], words[1::2])}
+        missing = [f.name for f in OFFICIAL[dataset] if f.name not in sums]
+        if len(words) % 2 or missing:
+            raise DownloadError(f"{variable} must be sha256sum output naming all four files; it lacks "
+                                f"{', '.join(missing) or 'a file name'}")
+    bad = [d for d in sums.values() if not re.fullmatch("[0-9a-f]{64}", d)]
+    if bad:
+        raise DownloadError(f"{variable}: {bad[0][:80]!r} is not a sha256 (64 hex digits)")
     return sums
 
 

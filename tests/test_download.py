@@ -85,6 +85,9 @@ def test_a_mirror_is_checked_only_against_the_checksum_it_is_given(server, data_
     with pytest.raises(DataError, match="checksum mismatch .* expected 0000.*the download was removed") as e:
         load_dataset("cifar10")
     assert "\n" not in str(e.value) and _cache_files(data_root) == []
+    monkeypatch.setenv("JAXNORM_CIFAR10_SHA256", "c4a38c50")  # a typo fails before any download
+    with pytest.raises(DataError, match="JAXNORM_CIFAR10_SHA256: 'c4a38c50' is not a sha256"):
+        load_dataset("cifar10")
     monkeypatch.setenv("JAXNORM_CIFAR10_SHA256", hashlib.sha256(archive).hexdigest().upper())
     assert len(load_dataset("cifar10").train_images) == 5085
     assert _cache_files(data_root) == ["cifar-10-binary.tar.gz"]
