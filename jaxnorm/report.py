@@ -65,7 +65,8 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
         if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
             raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no config in it)")
         config = Config.from_dict(meta["config"])
-        model = build_model(config, meta["input_mean"], meta["input_std"])
+        model = build_model(config, meta["input_mean"], meta["input_std"],
+                            num_classes=len(meta.get("class_names", range(10))))
         image_shape = tuple(meta["image_shape"])
         # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
         shapes = jax.eval_shape(lambda: create_train_state(model, config, image_shape, steps_per_epoch=1))
