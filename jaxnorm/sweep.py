@@ -158,16 +158,19 @@ def _values(records: list[dict], norm: str, batch_size: int, key: str) -> list[f
     return [r[key] for r in records if r["norm"] == norm and r["batch_size"] == batch_size and key in r]
 
 
-def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: Optional[str] = None) -> Path:
-    """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records."""
+def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: Optional[str] = None,
+                label: Optional[str] = None) -> Path:
+    """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records.
+
+    `data` describes the data in the text (source included); `label` names it in the figure's title."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     norms = list(dict.fromkeys(r["norm"] for r in records))
     sizes = sorted({r["batch_size"] for r in records})
     seeds = sorted({r["seed"] for r in records})
     epochs = sorted({r["epochs"] for r in records})
-    plot_sweep(records, out / "batch-sweep.png", title=f"{data} | {'/'.join(map(str, epochs))} epochs | "
-               f"mean over seeds {', '.join(map(str, seeds))}, min-max shaded")
+    plot_sweep(records, out / "batch-sweep.png", title=f"{label or data}\n{'/'.join(map(str, epochs))} epochs "
+               f"at every batch | mean over seeds {', '.join(map(str, seeds))}, min-max shaded")
 
     lines = ["# Batch-size study", "", f"Data: {data}.", ""]
     if command:
@@ -209,7 +212,7 @@ def plot_sweep(records: list[dict], path: Path, title: str = "") -> None:
     plt = _pyplot()
     norms = list(dict.fromkeys(r["norm"] for r in records))
     sizes = sorted({r["batch_size"] for r in records})
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     colors = {"bn": "tab:blue", "gn": "tab:red", "ln": "tab:green"}
     for label, norm, key in _columns(norms):
         xs, mean, low, high = [], [], [], []
@@ -230,7 +233,7 @@ def plot_sweep(records: list[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never on a line
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ results/<dataset name>).
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(argv=None):
     for norm in args.norms:
         base.replace(norm=norm).validate()
 
-    from jaxnorm.data import first_train_images, load_dataset
+    from jaxnorm.data import TFDS_SOURCES, first_train_images, load_dataset
     from jaxnorm.study import dataset_name, describe_data
     from jaxnorm.sweep import format_step_times, run_sweep, time_steps, write_sweep
 
@@ -82,16 +83,17 @@ def main(argv=None):
             rows = time_steps(base.replace(norm=norm), dataset, args.batch_sizes, steps=args.time_steps)
             print(format_step_times(rows, norm, len(dataset.train_images)), flush=True)
         return
+    n, m = len(dataset.train_images), len(dataset.test_images)
     data = describe_data(args.dataset, dataset)
     if args.data_label:
-        n, m = len(dataset.train_images), len(dataset.test_images)
         data = f"{args.data_label}, {n:,} training / {m:,} test images from `{dataset.source}`"
+    label = f"{args.data_label or TFDS_SOURCES.get(args.dataset, [args.dataset])[0]}, {n:,} training images"
     runs_root = Path(args.runs or os.path.join("checkpoints", "sweep", name))
     out = Path(args.out or os.path.join("results", name))
     records = run_sweep(base, dataset, norms=args.norms, batch_sizes=args.batch_sizes, seeds=args.seeds,
                         runs_root=runs_root, progress=not args.no_progress)
-    command = " ".join(["python", "scripts/sweep.py", *sys.argv[1:]])
-    path = write_sweep(records, out, data=data, base=base, command=command)
+    command = shlex.join(["python", "scripts/sweep.py", *sys.argv[1:]])
+    path = write_sweep(records, out, data=data, base=base, command=command, label=label)
     print(f"wrote {path}")
 
 
