@@ -196,8 +196,8 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     for b in sizes:
         lines.append(f"| {b} | " + " | ".join(format_mean_std(_values(records, n, b, "best_test")) for n in norms)
                      + " |")
-    lines += ["", "Training time per run (s, mean over seeds and norms, compilation and per-epoch test "
-              "evaluation included): " + ", ".join(
+    lines += ["", "Training time per run (s, mean over seeds and norms; compilation included, the per-epoch "
+              "test evaluation not): " + ", ".join(
                   f"batch {b} {statistics.mean(r['seconds'] for r in records if r['batch_size'] == b):.0f}"
                   for b in sizes) + ".", ""]
     path = out / "batch-sweep.md"
