@@ -20,10 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config, ConfigError  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config, ConfigError
 
 DEFAULTS = Config()
 
@@ -98,6 +96,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from jaxnorm.train import TrainingError  # noqa: E402
+    from jaxnorm.train import TrainingError
 
     run_main(main, extra_errors=(TrainingError,))
