@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm.utils import quiet_absl
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 _CIFAR_BIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
@@ -201,8 +203,10 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
     label, host, class_names, offline_help = TFDS_SOURCES[name]
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
     where = data_dir or "~/tensorflow_datasets"
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared() and not _can_reach(host):
+    with quiet_absl():  # TFDS warns "Variant folder ... has no dataset_info.json" for a missing dataset
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared and not _can_reach(host):
         # Fail at once: TFDS would otherwise retry the download for minutes before giving up.
         raise DataError(f"{label} is not in {where} and this machine cannot reach {host} "
                         f"to download it; {offline_help}")

@@ -20,7 +20,9 @@ from jaxnorm.checkpoint import RunCheckpoints, abstract_like  # noqa: E402
 from jaxnorm.config import Config  # noqa: E402
 from jaxnorm.data import synthetic_dataset  # noqa: E402
 from jaxnorm.models import build_model  # noqa: E402
-from jaxnorm.train import create_train_state, make_predict, make_train_step, train_and_evaluate  # noqa: E402
+from jaxnorm.evaluate import make_predict  # noqa: E402
+from jaxnorm.state import create_train_state  # noqa: E402
+from jaxnorm.train import make_train_step, train_and_evaluate  # noqa: E402
 
 NORMS = ("bn", "gn", "ln")
 DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
