@@ -226,7 +226,7 @@ def _not_an_archive(tmp_path):
     (["--lr", "0"], "--lr must be positive"),
     (["--batch-size", "-16"], "--batch-size must be positive"),
     ([*TINY, "--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
-    (["--data-dir", "{tmp}/nowhere"], "--data-dir {tmp}/nowhere does not exist"),
+    (["--data-dir", "{tmp}/nowhere"], "/nowhere does not exist"),
     (["--data-dir", "{archive}"], "is not a CIFAR-10 archive"),
     ([*TINY, "--workdir", "{file}/run"], "is a file, not a folder"),
     ([*TINY, "--workdir", "/proc/jaxnorm-run"], "is not writable"),
