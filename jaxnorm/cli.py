@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import DATASET_DEFAULTS, IDENTITY, RECIPE, WIDTH_PRESETS, Config, ConfigError
 from jaxnorm.data import DataError
+from jaxnorm.devices import setup_cpu_devices
 from jaxnorm.train import TrainingError, TrainingInterrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
@@ -27,9 +28,12 @@ GROUPS = {IDENTITY: "model and data (fixed for a run)", RECIPE: "training recipe
 
 
 def run_main(main: Callable[[], object], *, resume_with: Optional[str] = None) -> None:
-    """Call `main`; print known errors as `error: ...` on stderr and exit 2. An interrupted training
-    run (checkpoint saved) prints how to resume and exits 128 + the signal (130 on Ctrl-C)."""
+    """Set up the CPU devices, call `main`; print known errors as `error: ...` on stderr and exit 2.
+    An interrupted training run (checkpoint saved) prints how to resume and exits 128 + the signal
+    (130 on Ctrl-C). Every script runs through here, so each one gets one JAX device per CPU core
+    (`jaxnorm.devices`) before anything starts JAX's backend."""
     try:
+        setup_cpu_devices()
         main()
     except TrainingInterrupted as e:
         print(f"interrupted: {e}" + (f"\nresume with: {resume_with}" if resume_with else ""), file=sys.stderr)

@@ -8,13 +8,9 @@ Writes evaluation.json, misclassified.png and curves.png (the run's whole histor
 folder. Checkpoints written on a GPU, a TPU or several devices restore on one CPU.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.evaluate import dataset_for_run, format_metrics, restore_run, write_run_report  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.evaluate import dataset_for_run, format_metrics, restore_run, write_run_report
 
 
 def parse_args(argv=None):

@@ -16,14 +16,12 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main  # noqa: E402
-from jaxnorm.config import NORMS  # noqa: E402
-from jaxnorm.data import load_dataset  # noqa: E402
-from jaxnorm.evaluate import restore_run, write_run_report  # noqa: E402
-from jaxnorm.study import dataset_name, finished_epochs, write_study  # noqa: E402
-from jaxnorm.train import train_and_evaluate  # noqa: E402
+from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
+from jaxnorm.config import NORMS
+from jaxnorm.data import load_dataset
+from jaxnorm.evaluate import restore_run, write_run_report
+from jaxnorm.study import dataset_name, finished_epochs, write_study
+from jaxnorm.train import train_and_evaluate
 
 
 def parse_args(argv=None):

@@ -5,15 +5,11 @@
     python scripts/summary.py --dataset mnist
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, add_config_options, config_from_args, run_main  # noqa: E402
-from jaxnorm.config import ConfigError  # noqa: E402
-from jaxnorm.models import build_model, model_summary  # noqa: E402
-from jaxnorm.networks import format_receptive_field, receptive_field  # noqa: E402
+from jaxnorm.cli import OneLineParser, add_config_options, config_from_args, run_main
+from jaxnorm.config import ConfigError
+from jaxnorm.models import build_model, model_summary
+from jaxnorm.networks import format_receptive_field, receptive_field
 
 MODEL_FIELDS = ("norm", "groups", "width", "transition_width", "skip", "dataset")
 

@@ -13,11 +13,9 @@ printed and the exit status is 128 + the signal number (130 for Ctrl-C).
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main  # noqa: E402
-from jaxnorm.parallel import initialize_multihost  # noqa: E402
-from jaxnorm.train import train_and_evaluate  # noqa: E402
+from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
+from jaxnorm.parallel import initialize_multihost
+from jaxnorm.train import train_and_evaluate
 
 
 def parse_args(argv=None):
