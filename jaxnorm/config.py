@@ -21,7 +21,7 @@ from jaxnorm.networks import network_layers, normalised_widths
 NORMS = ("bn", "gn", "ln")
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 SCHEDULES = ("step", "linear", "cosine")
-DATASETS = ("cifar10", "mnist", "synthetic")
+DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 
 # Where a dataset's seed recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' 15
 # epochs and batch 64; 2 groups (the largest count dividing 10, 16 and 8); no flips (digits are not
@@ -67,11 +67,14 @@ class Config:
     dropout: float = knob(0.05, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
     # Data.
-    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net; synthetic: "
+    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; folder: "
+                        "the seed CNN on the image folder --data-dir, one class per sub-folder; synthetic: "
                         "generated images for smoke runs", role=IDENTITY, choices=DATASETS)
     data_dir: Optional[str] = knob(
         None, "CIFAR-10 archive (cifar-10-binary.tar.gz / cifar-10-python.tar.gz) or its extracted folder; "
-        "for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); or a TFDS data dir "
+        "for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); an image folder "
+        "train/<class>/*, test/<class>/* or a .tar/.tar.gz/.zip of one (folder; cifar10 with its ten class "
+        "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
     flip: bool = knob(True, "random horizontal flips (the CIFAR-10 seeds')")
     crop: bool = knob(False, "also pad by 4 and crop randomly")

@@ -158,7 +158,8 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
             raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no image shape in it)")
         history = checkpoints.restore_meta(latest)["history"] if latest != step else meta["history"]
         config = Config.from_dict(meta["config"])
-        model = build_model(config, meta["input_mean"], meta["input_std"])
+        model = build_model(config, meta["input_mean"], meta["input_std"],
+                            num_classes=len(meta.get("class_names", range(10))))
         # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
         shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
                                                            steps_per_epoch=1))

@@ -99,13 +99,15 @@ class MnistNet(_LayerNet):
         return mnist_net(self.num_classes)
 
 
-def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
+def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0), *,
+                num_classes: int = 10) -> nn.Module:
     """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`
-    are the training set's per-channel statistics, in [0, 1] units."""
+    are the training set's per-channel statistics, in [0, 1] units; `num_classes` the width of the last
+    1x1 conv (an image folder's class count)."""
     config.validate()
     if config.dataset == "mnist":
-        return MnistNet(config, tuple(input_mean)[:1], tuple(input_std)[:1])
-    return SeedCNN(config, tuple(input_mean), tuple(input_std))
+        return MnistNet(config, tuple(input_mean)[:1], tuple(input_std)[:1], num_classes)
+    return SeedCNN(config, tuple(input_mean), tuple(input_std), num_classes)
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
