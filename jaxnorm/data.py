@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxnorm import download
 from jaxnorm.imagefolder import ImageFolderError, is_image_folder, read_image_folder
+from jaxnorm.utils import quiet_absl
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -265,8 +266,9 @@ def load_prepared_tfds(name: str, data_dir: Optional[str]) -> Optional[Dataset]:
         import tensorflow_datasets as tfds  # heavy import, only on this path
     except ImportError:
         return None
-    if not tfds.builder(name, data_dir=str(root), file_format="array_record").is_prepared():
-        return None
+    with quiet_absl():  # TFDS warns "Variant folder ... has no dataset_info.json" for a half-made folder
+        if not tfds.builder(name, data_dir=str(root), file_format="array_record").is_prepared():
+            return None
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=str(root), download=False,
                                    builder_kwargs={"file_format": "array_record"})

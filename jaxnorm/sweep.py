@@ -25,10 +25,16 @@ import jax
 import numpy as np
 
 from jaxnorm import parallel
-from jaxnorm.config import Config
+from jaxnorm.checkpoint import RunCheckpoints
+from jaxnorm.config import NORM_NAMES, Config
 from jaxnorm.data import Dataset
-from jaxnorm.report import _pyplot, _quiet_absl, format_mean_std, mean_std, restore_run
-from jaxnorm.study import NORM_NAMES, run_history, train_or_reuse
+from jaxnorm.evaluate import restore_run
+from jaxnorm.figures import plot_sweep
+from jaxnorm.models import build_model
+from jaxnorm.state import create_train_state
+from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
+from jaxnorm.train import make_epoch_order, make_train_step
+from jaxnorm.utils import quiet_absl, read_history, write_json
 
 REFERENCE_BATCH = 128  # the batch the default learning rate belongs to
 
@@ -61,7 +67,8 @@ def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int, c
     For BatchNorm each image is normalised with the mean and variance of its own test batch, as in
     training; GroupNorm and LayerNorm give exactly their usual logits (they use no batch statistics).
     """
-    model = model.clone(dropout=0.0)  # rate 0: Dropout returns its input, so train=True only switches the norms
+    model = model.clone(config=model.config.replace(dropout=0.0))  # rate 0: Dropout returns its input, so
+    # train=True only switches the norms
     rep = parallel.replicated(mesh)
 
     @jax.jit
@@ -92,10 +99,7 @@ def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int, c
 def batch_stat_accuracy(workdir: Path, dataset: Dataset, batch_size: int) -> dict:
     """Test accuracy of the run's final checkpoint with batch statistics, cached in batch-stats.json
     (keyed by the step, batch and test data, so a new checkpoint or other data recomputes it)."""
-    from jaxnorm.checkpoint import RunCheckpoints
-    from jaxnorm.train import write_json
-
-    with _quiet_absl():
+    with quiet_absl():
         checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
         step = checkpoints.require_latest_step()
@@ -132,7 +136,7 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
     for config in configs:
         workdir = Path(runs_root) / f"{config.norm}-b{config.batch_size}-s{config.seed}"
         train_or_reuse(config, workdir, dataset, progress=progress)
-        history = run_history(workdir)[:config.epochs]
+        history = read_history(workdir)[:config.epochs]
         record = {"norm": config.norm, "batch_size": config.batch_size, "seed": config.seed, "lr": config.lr,
                   "epochs": len(history), "workdir": str(workdir),
                   "final_test": history[-1]["test_accuracy"],
@@ -169,7 +173,7 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     sizes = sorted({r["batch_size"] for r in records})
     seeds = sorted({r["seed"] for r in records})
     epochs = sorted({r["epochs"] for r in records})
-    plot_sweep(records, out / "batch-sweep.png", title=f"{label or data}\n{'/'.join(map(str, epochs))} epochs "
+    plot_sweep(sweep_series(records), sizes, out / "batch-sweep.png", title=f"{label or data}\n{'/'.join(map(str, epochs))} epochs "
                f"at every batch | mean over seeds {', '.join(map(str, seeds))}, min-max shaded")
 
     lines = ["# Batch-size study", "", f"Data: {data}.", ""]
@@ -206,38 +210,17 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     return path
 
 
-def plot_sweep(records: list[dict], path: Path, title: str = "") -> None:
-    """Test error (final epoch) against batch size, log2 x-axis from large to small batches as in the
-    GroupNorm paper's figure 1; one line per norm, the seeds' min-max range shaded."""
-    plt = _pyplot()
-    norms = list(dict.fromkeys(r["norm"] for r in records))
+def sweep_series(records: list[dict]) -> list[dict]:
+    """Per column of the report: test error (%) at each batch size, mean and the seeds' min and max."""
     sizes = sorted({r["batch_size"] for r in records})
-    fig, ax = plt.subplots(figsize=(6.4, 5.0))
-    colors = {"bn": "tab:blue", "gn": "tab:red", "ln": "tab:green"}
-    for label, norm, key in _columns(norms):
-        xs, mean, low, high = [], [], [], []
-        for b in sizes:
-            errors = [100 * (1 - v) for v in _values(records, norm, b, key)]
-            if errors:
-                xs.append(b)
-                mean.append(mean_std(errors)[0])
-                low.append(min(errors))
-                high.append(max(errors))
-        style = "--" if key == "final_test_batch_stats" else "-"
-        ax.plot(xs, mean, style, marker="o", color=colors[norm], label=label)
-        ax.fill_between(xs, low, high, color=colors[norm], alpha=0.15, linewidth=0)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.minorticks_off()
-    ax.invert_xaxis()  # large batches left, as in the GroupNorm paper
-    ax.set_xlabel("batch size (images per step)")
-    ax.set_ylabel("test error (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never on a line
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = []
+    for label, norm, key in _columns(list(dict.fromkeys(r["norm"] for r in records))):
+        points = [(b, [100 * (1 - v) for v in _values(records, norm, b, key)]) for b in sizes]
+        points = [(b, e) for b, e in points if e]
+        series.append({"label": label, "norm": norm, "batch_stats": key == "final_test_batch_stats",
+                       "batch_sizes": [b for b, _ in points], "mean": [mean_std(e)[0] for _, e in points],
+                       "low": [min(e) for _, e in points], "high": [max(e) for _, e in points]})
+    return series
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,9 +230,6 @@ def plot_sweep(records: list[dict], path: Path, title: str = "") -> None:
 def time_steps(base: Config, dataset: Dataset, batch_sizes: Sequence[int], steps: int = 20,
                repeats: int = 3) -> list[dict]:
     """Median seconds per training step at each batch size (compilation excluded), on these devices."""
-    from jaxnorm.models import build_model
-    from jaxnorm.train import create_train_state, make_epoch_order, make_train_step
-
     check_batch_sizes(batch_sizes)
     rows = []
     for b in batch_sizes:

@@ -14,40 +14,32 @@ run is reused, an unfinished one resumed. Writes <out>/batch-sweep.md, .png and 
 results/<dataset name>).
 """
 
-import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 
-from jaxnorm.cli import OneLineParser, run_main
-from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config, ConfigError
-
-DEFAULTS = Config()
+from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
+from jaxnorm.config import NORMS, ConfigError
+from jaxnorm.data import TFDS_SOURCES, first_train_images, load_dataset
+from jaxnorm.study import dataset_name, describe_data
+from jaxnorm.sweep import format_step_times, run_sweep, time_steps, write_sweep
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset, help="(default %(default)s)")
-    p.add_argument("--data-dir", help="CIFAR-10 archive or batch folder, or a TFDS data dir")
-    p.add_argument("--train-images", type=int,
-                   help="train on the first N training images only (the test set stays whole)")
-    p.add_argument("--train-split", type=int, help="carve train/test from one file set (see train.py --help)")
-    p.add_argument("--data-label", help="the data's name in the report and figure (default: from the data)")
-    p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="(default: all)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 8, 16, 32, 64, 128],
+    p = OneLineParser(description=__doc__)
+    s = p.add_argument_group("sweep")
+    s.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="(default: all)")
+    s.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 8, 16, 32, 64, 128],
                    help="(default 2 4 8 16 32 64 128)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
-    p.add_argument("--epochs", type=int, help="at every batch size (default: the dataset's, 20 for cifar10)")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr,
-                   help="learning rate at batch 128, scaled x B/128 (default %(default)s)")
-    p.add_argument("--preset", choices=sorted(WIDTH_PRESETS), default="seed",
-                   help="channel widths: " + ", ".join(f"{k}={w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()))
-    p.add_argument("--runs", help="folder of the run folders (default checkpoints/sweep/<dataset name>)")
-    p.add_argument("--out", help="report folder (default results/<dataset name>)")
-    p.add_argument("--time-steps", type=int, metavar="N",
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
+    s.add_argument("--data-label", help="the data's name in the report and figure (default: from the data)")
+    s.add_argument("--runs", help="folder of the run folders (default checkpoints/sweep/<dataset name>)")
+    s.add_argument("--out", help="report folder (default results/<dataset name>)")
+    s.add_argument("--time-steps", type=int, metavar="N",
                    help="only measure: median seconds per step over N steps at each batch size, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Every recipe option applies to all runs; --lr is the rate at batch 128, scaled x B/128.
+    add_config_options(p, exclude=("norm", "seed", "batch_size"))
     args = p.parse_args(argv)
     for name in ("seeds", "batch_sizes", "norms"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
@@ -59,43 +51,34 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    width, transition = WIDTH_PRESETS[args.preset]
-    given = {k: getattr(args, k) for k in ("epochs", "train_split", "train_images") if getattr(args, k) is not None}
-    base = Config.for_dataset(args.dataset, data_dir=args.data_dir, width=width, transition_width=transition,
-                              lr=args.lr, **given)
+    base = config_from_args(args)
     for norm in args.norms:
         base.replace(norm=norm).validate()
 
-    from jaxnorm.data import TFDS_SOURCES, first_train_images, load_dataset
-    from jaxnorm.study import dataset_name, describe_data
-    from jaxnorm.sweep import format_step_times, run_sweep, time_steps, write_sweep
-
-    dataset = first_train_images(load_dataset(args.dataset, args.data_dir, train_split=base.train_split),
+    dataset = first_train_images(load_dataset(base.dataset, base.data_dir, train_split=base.train_split),
                                  base.train_images)
     if max(args.batch_sizes) > len(dataset.train_images):
         raise ConfigError(f"--batch-sizes {max(args.batch_sizes)} exceeds the {len(dataset.train_images)} "
                           "training images")
-    name = dataset_name(args.dataset, dataset)
+    name = dataset_name(base.dataset, dataset)
     if args.time_steps:
         for norm in args.norms:
             rows = time_steps(base.replace(norm=norm), dataset, args.batch_sizes, steps=args.time_steps)
             print(format_step_times(rows, norm, len(dataset.train_images)), flush=True)
         return
     n, m = len(dataset.train_images), len(dataset.test_images)
-    data = describe_data(args.dataset, dataset)
+    data = describe_data(base.dataset, dataset)
     if args.data_label:
         data = f"{args.data_label}, {n:,} training / {m:,} test images from `{dataset.source}`"
-    label = f"{args.data_label or TFDS_SOURCES.get(args.dataset, [args.dataset])[0]}, {n:,} training images"
+    label = f"{args.data_label or TFDS_SOURCES.get(base.dataset, [base.dataset])[0]}, {n:,} training images"
     runs_root = Path(args.runs or os.path.join("checkpoints", "sweep", name))
     out = Path(args.out or os.path.join("results", name))
     records = run_sweep(base, dataset, norms=args.norms, batch_sizes=args.batch_sizes, seeds=args.seeds,
                         runs_root=runs_root, progress=not args.no_progress)
-    command = shlex.join(["python", "scripts/sweep.py", *sys.argv[1:]])
+    command = command_line(sys.argv[1:]).replace(sys.argv[0], "scripts/sweep.py", 1)
     path = write_sweep(records, out, data=data, base=base, command=command, label=label)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    from jaxnorm.train import TrainingError
-
-    run_main(main, extra_errors=(TrainingError,))
+    run_main(main, resume_with=command_line(sys.argv[1:]))

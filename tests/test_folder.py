@@ -100,7 +100,7 @@ def test_cifar10_reads_a_folder_with_its_ten_class_names_in_cifar_order(tmp_path
 
 
 def test_the_last_conv_follows_the_class_count_through_training_and_restore(tmp_path, tiny_config):
-    from jaxnorm.report import dataset_for_run, evaluate_run, restore_run
+    from jaxnorm.evaluate import dataset_for_run, evaluate_run, restore_run
     from jaxnorm.train import train_and_evaluate
 
     _make_folder(tmp_path / "data", {"a": 12, "b": 12, "c": 8}, test_counts={"a": 3, "b": 3, "c": 3})

@@ -9,7 +9,8 @@ from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import first_train_images, synthetic_dataset
 from jaxnorm.models import build_model
 from jaxnorm.sweep import batch_stat_logits, run_sweep, scaled_lr, sweep_config, write_sweep
-from jaxnorm.train import create_train_state, make_predict
+from jaxnorm.evaluate import make_predict
+from jaxnorm.state import create_train_state
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_bn_with_batch_statistics_differs_from_running_averages(sweep_data):
             continue
         assert batch.shape == running.shape and not np.allclose(batch, running, atol=1e-3)
         # Batch statistics = training mode without dropout, one batch at a time (the last one of 4).
-        no_dropout = model.clone(dropout=0.0)
+        no_dropout = model.clone(config=model.config.replace(dropout=0.0))
         for start, stop in ((0, 8), (8, 16), (32, 36)):
             expected, _ = no_dropout.apply({"params": state.params, "batch_stats": state.batch_stats},
                                            images[start:stop], train=True, mutable=["batch_stats"])
