@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, c
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import Dataset, augment, load_dataset
 from jaxnorm.models import build_model, count_params, init_variables, l1_penalty
+from jaxnorm.runlock import holding_run_lock
 
 # Fields that define the model and data of a run: resuming with another value is refused.
 RUN_IDENTITY = ("norm", "groups", "width", "transition_width", "skip", "dataset", "train_split")
@@ -182,6 +184,7 @@ def logit_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 # The run.
 
 
+@holding_run_lock  # one process per run folder, taken before anything is written
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
                        dataset: Optional[Dataset] = None, progress: bool = True) -> dict:
     """Train `config` in `workdir` (checkpoints, metrics.json), evaluating on the test set every epoch.
@@ -189,6 +192,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     Returns {'state', 'history', 'num_params', 'summary'}.
     """
     config.validate()
+    if config.data_dir:  # recorded in the run folder: readers may start from another directory
+        config = config.replace(data_dir=os.path.abspath(os.path.expanduser(config.data_dir)))
     workdir = Path(workdir)
     check_writable_workdir(workdir)
     dataset = dataset or load_dataset(config.dataset, config.data_dir, train_split=config.train_split)
@@ -210,7 +215,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     if latest is None and resume:
         print(f"note: {workdir} holds no checkpoint yet: starting a new run")
     if latest is not None:
-        saved = checkpoints.restore_meta(latest)
+        latest, saved = checkpoints.readable_meta()  # skips (with a warning) checkpoints that cannot be read
         check_same_run(config, Config.from_dict(saved["config"]))
         if saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             raise ConfigError(f"cannot resume: {saved['steps_per_epoch']} steps per epoch were saved, this "
@@ -222,7 +227,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     state = jax.device_put(state, parallel.replicated(mesh))
     num_params = count_params(state.params)
     if latest is not None:
-        state, saved = checkpoints.restore(latest, abstract_like(state, parallel.replicated(mesh)))
+        latest, state, saved = checkpoints.restore_readable(abstract_like(state, parallel.replicated(mesh)))
         history, partial = saved["history"], saved.get("partial")
         # The checkpoint is the truth: drop epochs a kill left in metrics.json but not in a checkpoint.
         if jax.process_index() == 0:
@@ -256,8 +261,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     start_epoch, start_index = divmod(int(state.step), steps_per_epoch)
     with contextlib.closing(checkpoints), stop_requests() as stop:  # close: finish a save in flight
         for epoch in range(start_epoch, config.epochs):
-            if stop.signum is not None:  # arrived during the last step of an epoch: that epoch is saved
-                raise interrupted(stop.signum)
+            if stop.agreed(sync_point=True) is not None:  # arrived after an epoch's last step: it is saved
+                raise interrupted(stop.decided)
             first = start_index if epoch == start_epoch else 0
             losses, corrects = [], []
             if first:  # resuming mid-epoch: the steps already taken count towards this epoch's metrics
@@ -274,14 +279,15 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 state, metrics = train_step(state, images, labels, order, i)
                 losses.append(metrics["loss"])
                 corrects.append(metrics["correct"])
-                if stop.signum is not None and i + 1 < steps_per_epoch:  # save mid-epoch and stop
+                stop_now = stop.agreed(sync_point=(i + 1) % 10 == 0 or i + 1 == steps_per_epoch)
+                if stop_now is not None and i + 1 < steps_per_epoch:  # save mid-epoch and stop
                     step_losses = np.asarray(jax.device_get(losses))
                     check_finite(step_losses, epoch, steps_per_epoch, checkpoints, workdir)
                     partial = {"epoch": epoch, "losses": [float(x) for x in step_losses],
                                "correct": int(np.sum(jax.device_get(corrects)))}
                     checkpoints.save(int(state.step), state, {**meta, "history": history, "partial": partial})
                     checkpoints.wait()
-                    raise interrupted(stop.signum)
+                    raise interrupted(stop_now)
                 if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:  # sync rarely: keeps the device queue full
                     seen = (i + 1) * config.batch_size
                     bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.3f}",
@@ -304,7 +310,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             checkpoints.save(int(state.step), state, {**meta, "history": history},
                              metrics={"test_accuracy": record["test_accuracy"]})
             if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates checkpoints
-                write_json(workdir / "metrics.json", history)
+                with checkpoints.saving(int(state.step)):  # a full disk: one line, as for the checkpoint
+                    write_json(workdir / "metrics.json", history)
             tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
                        f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
                        f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
@@ -331,15 +338,28 @@ def check_finite(step_losses: np.ndarray, epoch: int, steps_per_epoch: int, chec
 class stop_requests:
     """Within `with stop_requests() as stop:`, SIGINT/SIGTERM set `stop.signum` instead of killing the
     process (a second one raises KeyboardInterrupt at once); the previous handlers come back on exit.
-    Only the main thread can own signal handlers: elsewhere this does nothing."""
+    Only the main thread can own signal handlers: elsewhere this does nothing.
+
+    Several processes (multi-host): a signal may reach one host only, and a save every host does not
+    join hangs. So the stop is agreed: `agreed(sync_point)` takes the max of every process's signal at
+    the sync points (every 10th step and each epoch's last, the same on all hosts), and all stop and
+    save at the same step. On one process it answers at once, every step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self.decided, self._previous = None, None, {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
+
+    def agreed(self, sync_point: bool) -> Optional[int]:
+        """The signal every process stops on (None: go on); see the class docstring."""
+        if jax.process_count() == 1:
+            self.decided = self.signum
+        elif sync_point:
+            self.decided = parallel.max_over_processes(self.signum or 0) or None
+        return self.decided
 
     def _handle(self, signum, frame):
         if self.signum is not None:
