@@ -14,7 +14,14 @@ import os
 def _split_cpu_into_devices() -> None:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return  # the user chose
-    count = int(os.environ.get("JAXNORM_CPU_DEVICES", min(os.cpu_count() or 1, 8)))
+    from jaxnorm.config import ConfigError, cpu_devices_from_env
+
+    try:
+        count = cpu_devices_from_env() or min(os.cpu_count() or 1, 8)
+    except ConfigError as e:  # at import time, before run_main exists: its one line and exit status
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     import jax
 
     try:

@@ -9,8 +9,9 @@ from typing import Callable
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import ConfigError
 from jaxnorm.data import DataError
+from jaxnorm.runlock import RunLocked
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunLocked)
 
 
 def run_main(main: Callable[[], object], extra_errors: tuple = ()) -> None:
@@ -19,6 +20,10 @@ def run_main(main: Callable[[], object], extra_errors: tuple = ()) -> None:
         main()
     except USER_ERRORS + extra_errors as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the machine, not the program: a full disk, a lost permission, an I/O error
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

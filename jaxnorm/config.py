@@ -31,6 +31,32 @@ DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip
 WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
 
 
+# Meaningful ranges of the numeric knobs not checked elsewhere in `validate`.
+RANGES = {
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1 would train towards uniform targets
+    "lr_gamma": ("in (0, 1]", lambda v: 0 < v <= 1),  # the step schedule decays
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),  # what jax.random.PRNGKey takes
+}
+
+
+def cpu_devices_from_env(environ=None) -> Optional[int]:
+    """JAXNORM_CPU_DEVICES as a device count (None when unset); ConfigError unless a whole number >= 1."""
+    import os
+    value = (os.environ if environ is None else environ).get("JAXNORM_CPU_DEVICES")
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"JAXNORM_CPU_DEVICES must be a whole number >= 1 (CPU devices to split the host "
+                          f"into), got {value!r}")
+    return count
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the command line prints its message as one line."""
 
@@ -88,6 +114,10 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError for anything that would fail later; returns self for chaining."""
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
         if self.dataset not in DATASETS:
@@ -106,6 +136,9 @@ class Config:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.l1 >= 0:
             raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
+        for name, (text, ok) in RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
         if self.train_split is not None and self.train_split <= 0:
             raise ConfigError(f"--train-split must be positive, got {self.train_split}")
         widths = self.normalised_widths()

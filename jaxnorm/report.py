@@ -46,7 +46,8 @@ class RestoredRun:
 
 
 def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
-    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest).
+    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest; an unreadable
+    one is skipped with a warning for the newest readable one, while an unreadable `step` is an error).
 
     The model is rebuilt from the config saved in the checkpoint, and the state restored onto the
     devices of this process (one CPU is fine) through an abstract target, whatever wrote it.
@@ -59,18 +60,24 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
         if not checkpoints.all_steps():
             raise CheckpointError(f"{workdir} holds no checkpoints yet (empty {checkpoints.directory.name}/ "
                                   "folder): has the run finished an epoch?")
-        if step is None:
-            step = checkpoints.require_best_step()
-        meta = checkpoints.restore_meta(step)
-        if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
-            raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no config in it)")
+        mesh = parallel.make_mesh()
+
+        def target(meta):  # the restore target, from the checkpoint's own record
+            if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
+                raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm (no config in them)")
+            config = Config.from_dict(meta["config"])
+            model = build_model(config, meta["input_mean"], meta["input_std"])
+            # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
+            shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
+                                                               steps_per_epoch=1))
+            return abstract_like(shapes, parallel.replicated(mesh))
+
+        if step is not None:
+            state, meta = checkpoints.restore(step, target(checkpoints.restore_meta(step)))
+        else:
+            step, state, meta = checkpoints.restore_readable(target, prefer=checkpoints.best_step())
         config = Config.from_dict(meta["config"])
         model = build_model(config, meta["input_mean"], meta["input_std"])
-        image_shape = tuple(meta["image_shape"])
-        # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
-        shapes = jax.eval_shape(lambda: create_train_state(model, config, image_shape, steps_per_epoch=1))
-        mesh = parallel.make_mesh()
-        state, meta = checkpoints.restore(step, abstract_like(shapes, parallel.replicated(mesh)))
     finally:
         checkpoints.close()
     return RestoredRun(Path(workdir), int(step), config, meta, model, state, mesh)
@@ -91,6 +98,12 @@ def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset
     """The run's dataset (from its saved config, or `data_dir`), checked against what it was trained on."""
     from jaxnorm.data import load_dataset
 
+    recorded = run.config.data_dir
+    if data_dir is None and recorded and not Path(recorded).expanduser().exists():
+        where = Path(recorded).expanduser().absolute()
+        note = "" if Path(recorded).is_absolute() else f" (the run recorded the relative path {recorded})"
+        raise DataError(f"the data {run.workdir} was trained on is not at {where}{note}: pass --data-dir PATH "
+                        "to where it is now")
     dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir,
                            train_split=run.config.train_split)
     if tuple(dataset.image_shape) != tuple(run.meta["image_shape"]):

@@ -36,10 +36,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from jaxnorm.report import dataset_for_run, format_metrics, restore_run, write_run_report
+    from jaxnorm.runlock import RunLock
 
-    run = restore_run(args.workdir, args.step)
-    dataset = dataset_for_run(run, args.data_dir)
-    record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
+    if not os.path.isdir(args.workdir):  # a reader: never create the folder (restore_run says what is wrong)
+        restore_run(args.workdir, args.step)
+    with RunLock(args.workdir):  # it writes into the run folder: not while a training run does
+        run = restore_run(args.workdir, args.step)
+        dataset = dataset_for_run(run, args.data_dir)
+        record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
     print(f"{args.workdir}: {run.config.norm}, {record['num_params']:,} parameters, step {run.step} "
           f"(epoch {record['epoch']}), data {dataset.source}")
     for split in ("train", "test"):

@@ -59,6 +59,7 @@ def main(argv=None):
 
     from jaxnorm.data import load_dataset
     from jaxnorm.report import restore_run, write_run_report
+    from jaxnorm.runlock import RunLock
     from jaxnorm.study import dataset_name, finished_epochs, run_history, write_study
     from jaxnorm.train import train_and_evaluate
 
@@ -80,7 +81,8 @@ def main(argv=None):
                 print(f"{workdir}: training {norm} seed {seed}" + (f" (resuming at epoch {done})" if done else ""))
                 train_and_evaluate(config, workdir, resume=True, dataset=dataset,  # also picks up a Ctrl-C checkpoint
                                    progress=not args.no_progress)
-            record = write_run_report(restore_run(workdir), dataset)
+            with RunLock(workdir):  # nests with train_and_evaluate's own lock of the folder
+                record = write_run_report(restore_run(workdir), dataset)
             record["history"] = run_history(workdir)
             records.setdefault(norm, []).append(record)
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
