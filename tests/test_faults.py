@@ -273,7 +273,7 @@ def test_the_run_records_an_absolute_data_path_and_a_reader_says_where_it_looked
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr-gamma", "0"], "--lr-gamma must be in (0, 1]"),
-    (["--weight-decay", "-1e-4"], "--weight-decay must be >= 0"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be >= 0"),
     (["--seed", "-1"], "--seed must be in [0, 2**32)"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
 ])
