@@ -9,14 +9,18 @@ from typing import Callable
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import ConfigError
 from jaxnorm.data import DataError
+from jaxnorm.devices import setup_cpu_devices
 from jaxnorm.runlock import RunLocked
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunLocked)
 
 
 def run_main(main: Callable[[], object], extra_errors: tuple = ()) -> None:
-    """Call `main`; print known errors as `error: ...` on stderr and exit 2 (130 on Ctrl-C)."""
+    """Set up the CPU devices, call `main`; print known errors as `error: ...` on stderr and exit 2
+    (130 on Ctrl-C). Every script runs through here, so each one gets one JAX device per CPU core
+    (`jaxnorm.devices`) before anything starts JAX's backend."""
     try:
+        setup_cpu_devices()
         main()
     except USER_ERRORS + extra_errors as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,22 +41,6 @@ RANGES = {
 }
 
 
-def cpu_devices_from_env(environ=None) -> Optional[int]:
-    """JAXNORM_CPU_DEVICES as a device count (None when unset); ConfigError unless a whole number >= 1."""
-    import os
-    value = (os.environ if environ is None else environ).get("JAXNORM_CPU_DEVICES")
-    if value is None:
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ConfigError(f"JAXNORM_CPU_DEVICES must be a whole number >= 1 (CPU devices to split the host "
-                          f"into), got {value!r}")
-    return count
-
-
 class ConfigError(ValueError):
     """A configuration that cannot run; the command line prints its message as one line."""
 

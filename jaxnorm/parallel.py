@@ -42,7 +42,7 @@ def devices_for_batch(batch_size: int) -> int:
     """How many devices a global batch of `batch_size` is split over.
 
     Accelerators: all of them, and a batch they do not divide is an error. CPU "devices" are the
-    cores we split the host into ourselves (see jaxnorm/__init__.py), an implementation detail the
+    cores we split the host into ourselves (see jaxnorm/devices.py), an implementation detail the
     user never chose: there the most that divide the batch are used.
     """
     n = jax.device_count()

@@ -12,13 +12,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import NORMS, Config  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.config import NORMS, Config
 
 
 def parse_args(argv=None):

@@ -9,12 +9,8 @@ GPU, a TPU or several devices restore on one CPU.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
 
 
 def parse_args(argv=None):

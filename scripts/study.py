@@ -15,10 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.config import DATASETS, NORMS, WIDTH_PRESETS, Config
 
 DEFAULTS = Config()
 
@@ -93,6 +91,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from jaxnorm.train import TrainingError  # noqa: E402
+    from jaxnorm.train import TrainingError
 
     run_main(main, extra_errors=(TrainingError,))

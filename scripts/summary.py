@@ -5,13 +5,9 @@
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import NORMS, WIDTH_PRESETS, Config  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.config import NORMS, WIDTH_PRESETS, Config
 
 DEFAULTS = Config()
 

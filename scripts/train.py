@@ -16,10 +16,8 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxnorm.cli import OneLineParser, run_main  # noqa: E402
-from jaxnorm.config import DATASET_DEFAULTS, DATASETS, NORMS, SCHEDULES, WIDTH_PRESETS, Config  # noqa: E402
+from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.config import DATASET_DEFAULTS, DATASETS, NORMS, SCHEDULES, WIDTH_PRESETS, Config
 
 DEFAULTS = Config()
 

@@ -7,10 +7,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR_SUBSET = SHARED_DATA / "cifar10-subset" / "cifar-10-binary.tar.gz"
-sys.path.insert(0, str(ROOT))
 
+# `jaxnorm` comes from the installed package (`pip install -e .[test]`); `python -m pytest` run in
+# the checkout puts it first anyway. Child processes (scripts, workers) get the same code, this
+# checkout's, even where another copy is installed or none is.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+import jaxnorm  # noqa: E402
 from jaxnorm.config import Config  # noqa: E402
 from jaxnorm.data import synthetic_dataset  # noqa: E402
+
+# The test process is an entry point like the scripts: one CPU device per core, set up before any
+# test starts JAX (in-process tests then see what the scripts see).
+jaxnorm.setup_cpu_devices()
 
 
 def pytest_configure(config):

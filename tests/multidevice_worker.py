@@ -10,17 +10,15 @@ latest checkpoint here and writes its test logits to OUT_DIR/restored_logits.npy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxnorm import parallel  # noqa: E402
-from jaxnorm.checkpoint import RunCheckpoints, abstract_like  # noqa: E402
-from jaxnorm.config import Config  # noqa: E402
-from jaxnorm.data import synthetic_dataset  # noqa: E402
-from jaxnorm.models import build_model  # noqa: E402
-from jaxnorm.train import create_train_state, make_predict, make_train_step, train_and_evaluate  # noqa: E402
+from jaxnorm import parallel
+from jaxnorm.checkpoint import RunCheckpoints, abstract_like
+from jaxnorm.config import Config
+from jaxnorm.data import synthetic_dataset
+from jaxnorm.models import build_model
+from jaxnorm.train import create_train_state, make_predict, make_train_step, train_and_evaluate
 
 NORMS = ("bn", "gn", "ln")
 DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))

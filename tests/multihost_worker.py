@@ -14,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-import jaxnorm  # noqa: E402,F401  (CPU device setup before the backend starts)
+import jaxnorm  # noqa: E402
+
+jaxnorm.setup_cpu_devices()  # one CPU device per process (JAXNORM_CPU_DEVICES=1), before the backend starts
 from jaxnorm.config import Config  # noqa: E402
 from jaxnorm.data import synthetic_dataset  # noqa: E402
 

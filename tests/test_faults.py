@@ -21,7 +21,6 @@ from conftest import ROOT, Config
 from test_robust import TINY, _load_script, cli, without_timing
 from jaxnorm import report
 from jaxnorm.checkpoint import CheckpointError, CheckpointSaveError, RunCheckpoints, UnreadableCheckpoint
-from jaxnorm.config import ConfigError, cpu_devices_from_env
 from jaxnorm.data import DataError, load_dataset
 from jaxnorm.runlock import LOCK_NAME, RunLock, RunLocked
 from jaxnorm.train import train_and_evaluate
@@ -281,20 +280,3 @@ def test_numeric_options_out_of_range_are_one_line(args, message, tmp_path, caps
     code, out, err = cli(capsys, *TINY, *args, "--workdir", tmp_path / "run")
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", ""])
-def test_jaxnorm_cpu_devices_must_be_a_positive_count(value):
-    with pytest.raises(ConfigError, match="JAXNORM_CPU_DEVICES must be a whole number >= 1"):
-        cpu_devices_from_env({"JAXNORM_CPU_DEVICES": value})
-    assert cpu_devices_from_env({"JAXNORM_CPU_DEVICES": "3"}) == 3 and cpu_devices_from_env({}) is None
-
-
-def test_a_bad_jaxnorm_cpu_devices_stops_the_command_with_one_line():
-    env = {**os.environ, "JAXNORM_CPU_DEVICES": "abc"}
-    env.pop("XLA_FLAGS", None)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--help"], env=env,
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == "error: JAXNORM_CPU_DEVICES must be a whole number >= 1 (CPU devices to " \
-                                  "split the host into), got 'abc'"

@@ -1,0 +1,69 @@
+"""`import jaxnorm` leaves JAX alone; `jaxnorm.setup_cpu_devices()` makes the CPU devices it says."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_script
+from jaxnorm.config import ConfigError
+from jaxnorm.devices import cpu_device_count
+
+PROBE = """
+import json, pkgutil, importlib, sys
+import jaxnorm
+for module in pkgutil.iter_modules(jaxnorm.__path__):  # every module, as a library user might import them
+    importlib.import_module(f"jaxnorm.{module.name}")
+import jax
+before = jax.config.jax_num_cpu_devices
+if "late" in sys.argv:
+    jax.devices()  # the backend starts before the setup call
+returned = jaxnorm.setup_cpu_devices() if "setup" in sys.argv else "not called"
+print(json.dumps({"before": before, "returned": returned, "devices": jax.device_count()}))
+"""
+
+
+def probe(*args, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_DEVICES")}
+    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120,
+                            env={**clean, "JAX_PLATFORMS": "cpu", **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_jaxnorm_changes_no_jax_setting():
+    import_only = probe(JAXNORM_CPU_DEVICES="3")  # read by the setup only, not on import
+    plain_jax = subprocess.run([sys.executable, "-c", "import jax; print(jax.config.jax_num_cpu_devices)"],
+                               capture_output=True, text=True, timeout=60)
+    assert import_only == {"before": int(plain_jax.stdout), "returned": "not called", "devices": 1}
+
+
+def test_setup_makes_one_device_per_core_or_the_count_asked_for():
+    assert probe("setup") == {"before": -1, "returned": min(os.cpu_count(), 8), "devices": min(os.cpu_count(), 8)}
+    assert probe("setup", JAXNORM_CPU_DEVICES="3") == {"before": -1, "returned": 3, "devices": 3}
+
+
+def test_setup_leaves_a_count_forced_by_xla_flags():
+    forced = probe("setup", XLA_FLAGS="--xla_force_host_platform_device_count=5", JAXNORM_CPU_DEVICES="3")
+    assert forced == {"before": -1, "returned": None, "devices": 5}
+
+
+def test_setup_after_jax_started_changes_nothing_and_says_so():
+    assert probe("late", "setup", JAXNORM_CPU_DEVICES="3") == {"before": -1, "returned": None, "devices": 1}
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "", "2.5"])
+def test_a_bad_device_count_is_a_config_error(monkeypatch, value):
+    monkeypatch.setenv("JAXNORM_CPU_DEVICES", value)
+    with pytest.raises(ConfigError, match="JAXNORM_CPU_DEVICES must be a whole number"):
+        cpu_device_count()
+
+
+def test_a_bad_device_count_stops_a_script_with_one_line(monkeypatch):
+    monkeypatch.setenv("JAXNORM_CPU_DEVICES", "two")
+    result = run_script("summary.py")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: JAXNORM_CPU_DEVICES must be a whole number of devices "
+                                                  ">= 1, not 'two'"]
