@@ -7,10 +7,8 @@ Prints `interrupted at step S` (exit 128 + signal) or `finished at step S`.
 
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("JAXNORM_CPU_DEVICES", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
