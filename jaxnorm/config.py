@@ -17,7 +17,7 @@ from typing import Optional
 
 NORMS = ("bn", "gn", "ln")
 SCHEDULES = ("step", "linear", "cosine")
-DATASETS = ("cifar10", "mnist", "synthetic")
+DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 
 # The MNIST net's normalised layers (every conv but the last): GroupNorm's groups must divide each.
 MNIST_NORM_WIDTHS = (10, 16, 8, 16, 16, 16, 8, 10, 16)

@@ -5,8 +5,13 @@ Sources, in the order `load_dataset` tries them:
     `cifar-10-python.tar.gz`), their extracted folders, or a folder holding one of those; for MNIST a
     folder of the official idx files (`train-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`, ...,
     gzipped or not);
-  * TFDS (`tfds.data_source`, no TensorFlow needed), in `--data-dir`, `$TFDS_DATA_DIR` or
-    ~/tensorflow_datasets, downloading when the machine has a network;
+  * an image folder (`train/<class>/*`, `test/<class>/*`, or a .tar/.tar.gz/.zip of one; see
+    `jaxnorm.imagefolder`): `--dataset folder` for any classes, `--dataset cifar10` when the class
+    folders are CIFAR-10's ten names;
+  * the official files downloaded before, in `<root>/jaxnorm-downloads/<dataset>/`, where <root> is
+    `--data-dir`, `$TFDS_DATA_DIR` or ~/tensorflow_datasets;
+  * a prepared TFDS dataset in <root> (`tfds.data_source`, no TensorFlow needed);
+  * the official files, downloaded now into that folder (`jaxnorm.download`: checksums, mirrors);
   * `synthetic`: small generated images for smoke runs and tests.
 
 `train_split=N` (`--train-split N`) carves one file set into the first N images for training and the
@@ -20,7 +25,6 @@ import dataclasses
 import gzip
 import os
 import pickle
-import socket
 import tarfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,23 +33,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm import download
+from jaxnorm.imagefolder import ImageFolderError, is_image_folder, read_image_folder
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 _CIFAR_BIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 _CIFAR_PY_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
-CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where TFDS's cifar10 builder downloads from
 OFFLINE_HELP = ("download the official archive (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz "
-                "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH")
+                "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH, "
+                "or set JAXNORM_CIFAR10_URL to a mirror")
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-MNIST_DOWNLOAD_HOST = "storage.googleapis.com"  # where TFDS's mnist builder downloads from
 MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) on a machine with internet "
-                      "and pass their folder with --data-dir PATH")
-# dataset -> (display name, TFDS host it downloads from, class names, what to do offline)
-TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_DOWNLOAD_HOST, CIFAR10_CLASSES, OFFLINE_HELP),
-                "mnist": ("MNIST", MNIST_DOWNLOAD_HOST, MNIST_CLASSES, MNIST_OFFLINE_HELP)}
+                      "and pass their folder with --data-dir PATH, or set JAXNORM_MNIST_URL to a mirror folder")
+# The datasets with official files (downloaded by `jaxnorm.download`, or prepared by TFDS):
+# dataset -> (display name, class names, what to do offline)
+TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_CLASSES, OFFLINE_HELP),
+                "mnist": ("MNIST", MNIST_CLASSES, MNIST_OFFLINE_HELP)}
 
 
 class DataError(RuntimeError):
@@ -82,6 +89,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Opti
         data = _load_cifar10(data_dir)
     elif name == "mnist":
         data = _load_mnist(data_dir)
+    elif name == "folder":
+        data = _load_folder(data_dir)
     else:
         raise DataError(f"unknown dataset {name!r}")
     check_dataset(data)
@@ -134,13 +143,33 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
 def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
+        if is_image_folder(path):
+            return read_folder_dataset(path, CIFAR10_CLASSES)
         local = find_cifar10_archive(path)
         if local is not None:
             return read_cifar10_archive(local)
         if path.is_file():
             raise DataError(f"{data_dir} is not a CIFAR-10 archive (expected cifar-10-binary.tar.gz or "
-                            "cifar-10-python.tar.gz)")
-    return load_tfds("cifar10", data_dir)
+                            "cifar-10-python.tar.gz, or an image folder train/<class>/*, test/<class>/*)")
+    return load_official("cifar10", data_dir)
+
+
+def _load_folder(data_dir: Optional[str]) -> Dataset:
+    path = Path(data_dir).expanduser() if data_dir is not None else None
+    if path is None or not is_image_folder(path):
+        raise DataError(f"--dataset folder needs --data-dir naming a folder laid out as train/<class>/<image> and "
+                        f"test/<class>/<image>, or a .tar/.tar.gz/.zip of one; {data_dir} is not")
+    return read_folder_dataset(path)
+
+
+def read_folder_dataset(path: Path, class_names: Optional[Sequence[str]] = None) -> Dataset:
+    """An image folder (see `jaxnorm.imagefolder`); labels follow `class_names` if given, else the sorted
+    folder names."""
+    try:
+        found = read_image_folder(path, class_names)
+    except ImageFolderError as e:
+        raise DataError(str(e)) from None
+    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,39 +251,50 @@ def _parse_cifar_py(raw: bytes, name: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# TFDS.
+# The official files without a local copy: a previous download, a prepared TFDS dataset, a download now.
 
 
-def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
-    """`cifar10` or `mnist` through TFDS (array_record data source, so no TensorFlow is needed)."""
-    import tensorflow_datasets as tfds  # heavy import, only on this path
+def load_official(name: str, data_dir: Optional[str]) -> Dataset:
+    """`cifar10` or `mnist` from a previous download, else a prepared TFDS dataset, else downloaded now."""
+    label, _, offline_help = TFDS_SOURCES[name]
+    folder = download.cached(name, data_dir)
+    if folder is None:
+        prepared = load_prepared_tfds(name, data_dir)
+        if prepared is not None:
+            return prepared
+        # The reader vets each file before it is kept: an unreadable one is never cached.
+        check = read_idx if name == "mnist" else read_cifar10_archive
+        try:
+            folder = download.download(name, data_dir, check)
+        except download.DownloadError as e:
+            raise DataError(f"{label} is not in {download.data_root(data_dir)} and could not be downloaded "
+                            f"({e}); {offline_help}") from None
+    if name == "mnist":
+        return read_mnist_idx(folder)
+    return read_cifar10_archive(folder / download.OFFICIAL["cifar10"][0].name)
 
-    label, host, class_names, offline_help = TFDS_SOURCES[name]
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-    where = data_dir or "~/tensorflow_datasets"
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared() and not _can_reach(host):
-        # Fail at once: TFDS would otherwise retry the download for minutes before giving up.
-        raise DataError(f"{label} is not in {where} and this machine cannot reach {host} "
-                        f"to download it; {offline_help}")
+
+def load_prepared_tfds(name: str, data_dir: Optional[str]) -> Optional[Dataset]:
+    """`name` as prepared by TFDS in the data root (array_record data source: no TensorFlow needed);
+    None when there is none."""
+    root = download.data_root(data_dir)
+    if not (root / name).is_dir():  # TFDS keeps <root>/<name>/<version>/: skip its slow import
+        return None
     try:
-        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=True,
+        import tensorflow_datasets as tfds  # heavy import, only on this path
+    except ImportError:
+        return None
+    if not tfds.builder(name, data_dir=str(root), file_format="array_record").is_prepared():
+        return None
+    try:
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=str(root), download=False,
                                    builder_kwargs={"file_format": "array_record"})
-    except Exception as e:  # no network, a half-prepared folder, ...: say what to do instead
+    except Exception as e:  # a half-prepared folder, another file format, ...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"{label} is not in {where} and TFDS could not download it ({reason}); "
-                        f"{offline_help}") from None
+        raise DataError(f"cannot read the TFDS {name} prepared in {root} ({reason}); move it away to "
+                        "download the official files instead") from None
     (train_x, train_y), (test_x, test_y) = [_source_to_arrays(s) for s in sources]
-    return Dataset(train_x, train_y, test_x, test_y, class_names,
-                   source=f"tfds:{name} ({data_dir or 'default dir'})")
-
-
-def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return Dataset(train_x, train_y, test_x, test_y, TFDS_SOURCES[name][1], source=f"tfds:{name} ({root})")
 
 
 def _source_to_arrays(source: Sequence[dict]):
@@ -278,10 +318,12 @@ def _load_mnist(data_dir: Optional[str]) -> Dataset:
         folder = path.parent if path.is_file() else path
         if _find_idx(folder, _MNIST_FILES["test_images"]) or _find_idx(folder, _MNIST_FILES["train_images"]):
             return read_mnist_idx(folder)
+        if is_image_folder(path):
+            raise DataError(f"{data_dir} is an image folder, not the MNIST idx files: use --dataset folder")
         if path.is_file():
             raise DataError(f"{data_dir} is not an MNIST idx file (expected a folder holding "
                             "t10k-images-idx3-ubyte.gz and friends)")
-    return load_tfds("mnist", data_dir)
+    return load_official("mnist", data_dir)
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:

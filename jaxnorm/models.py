@@ -151,16 +151,18 @@ class MnistNet(nn.Module):
                 LayerSpec("conv8", 3), LayerSpec("conv9", 3), LayerSpec("conv10", 1), LayerSpec("avgpool", None))
 
 
-def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
+def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0), *,
+                num_classes: int = 10) -> nn.Module:
     """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`
-    are the training set's per-channel statistics, in [0, 1] units."""
+    are the training set's per-channel statistics, in [0, 1] units; `num_classes` the width of the last
+    1x1 conv (an image folder's class count)."""
     config.validate()
     if config.dataset == "mnist":
-        return MnistNet(norm=config.norm, groups=config.groups, dropout=config.dropout,
+        return MnistNet(norm=config.norm, groups=config.groups, dropout=config.dropout, num_classes=num_classes,
                         input_mean=tuple(input_mean)[:1], input_std=tuple(input_std)[:1])
     return SeedCNN(norm=config.norm, groups=config.groups, width=config.width,
                    transition_width=config.transition_width, dropout=config.dropout, skip=config.skip,
-                   input_mean=tuple(input_mean), input_std=tuple(input_std))
+                   num_classes=num_classes, input_mean=tuple(input_mean), input_std=tuple(input_std))
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:

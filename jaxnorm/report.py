@@ -62,11 +62,14 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
                                   "folder): has the run finished an epoch?")
         mesh = parallel.make_mesh()
 
+        def model_of(meta):
+            return build_model(Config.from_dict(meta["config"]), meta["input_mean"], meta["input_std"],
+                               num_classes=len(meta.get("class_names", range(10))))
+
         def target(meta):  # the restore target, from the checkpoint's own record
             if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
                 raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm (no config in them)")
-            config = Config.from_dict(meta["config"])
-            model = build_model(config, meta["input_mean"], meta["input_std"])
+            config, model = Config.from_dict(meta["config"]), model_of(meta)
             # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
             shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
                                                                steps_per_epoch=1))
@@ -77,7 +80,7 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
         else:
             step, state, meta = checkpoints.restore_readable(target, prefer=checkpoints.best_step())
         config = Config.from_dict(meta["config"])
-        model = build_model(config, meta["input_mean"], meta["input_std"])
+        model = model_of(meta)
     finally:
         checkpoints.close()
     return RestoredRun(Path(workdir), int(step), config, meta, model, state, mesh)

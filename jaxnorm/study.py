@@ -38,6 +38,8 @@ def describe_data(name: str, dataset: Dataset) -> str:
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
     if name == "synthetic":
         return f"**synthetic data** (smoke test, {text}): not a result"
+    if name not in TFDS_SOURCES:  # an image folder
+        return f"image folder ({text})"
     title = TFDS_SOURCES[name][0]  # "CIFAR-10", "MNIST"
     if n != BENCHMARK_TRAIN_SIZE[name]:
         return (f"**{n:,}-image {title} subset, not {title}** ({text}): accuracies here are not "

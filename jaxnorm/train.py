@@ -222,7 +222,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                               f"config gives {steps_per_epoch} (another --batch-size or training set?)")
 
     input_mean, input_std = dataset.channel_stats()
-    model = build_model(config, input_mean, input_std)
+    model = build_model(config, input_mean, input_std, num_classes=len(dataset.class_names))
     state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
     num_params = count_params(state.params)

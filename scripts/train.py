@@ -1,9 +1,10 @@
 """Train the seed CNN (CIFAR-10) or the MNIST net with one normalisation layer.
 
-    python scripts/train.py --norm gn                      # CIFAR-10 through TFDS
+    python scripts/train.py --norm gn                      # CIFAR-10, downloaded once into ~/tensorflow_datasets
     python scripts/train.py --norm bn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz
     python scripts/train.py --norm bn --resume             # continue checkpoints/bn
-    python scripts/train.py --dataset mnist --norm bn --l1 1e-5   # MNIST through TFDS -> checkpoints/mnist-bn
+    python scripts/train.py --dataset mnist --norm bn --l1 1e-5   # MNIST, downloaded once -> checkpoints/mnist-bn
+    python scripts/train.py --dataset folder --norm gn --data-dir my_images.zip   # train/<class>/*, test/<class>/*
     python scripts/train.py --dataset mnist --norm gn --data-dir ../shared/data/mnist --train-split 8000
 
 Ctrl-C or SIGTERM: the current step finishes, a checkpoint is saved, the command that resumes is
@@ -43,10 +44,13 @@ def parse_args(argv=None):
     m.add_argument("--skip", action="store_true", help="residual connections around the 3x3 convs of each block")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
-                   help="cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips (default %(default)s)")
+                   help="cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; folder: the seed CNN "
+                   "on the image folder --data-dir, one class per sub-folder (default %(default)s)")
     d.add_argument("--data-dir", help="CIFAR-10 archive (cifar-10-binary.tar.gz / cifar-10-python.tar.gz) or its "
-                   "extracted folder; for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); or a "
-                   "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+                   "extracted folder; for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); an image "
+                   "folder train/<class>/*, test/<class>/* or a .tar/.tar.gz/.zip of one (folder; cifar10 with its "
+                   "ten class names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS "
+                   "datasets (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     d.add_argument("--train-split", type=int, metavar="N",
                    help="train on the first N images of one file set and test on the rest (the training files, "
                    "or the test files when the folder has no training images, e.g. ../shared/data/mnist: "
@@ -74,7 +78,7 @@ def parse_args(argv=None):
     o.add_argument("--seed", type=int, default=DEFAULTS.seed, help="same seed, same result (default %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--workdir", help="run folder for checkpoints and metrics "
-                   "(default checkpoints/<norm>, checkpoints/mnist-<norm> for mnist)")
+                   "(default checkpoints/<norm>; checkpoints/mnist-<norm>, checkpoints/folder-<norm> for those datasets)")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir "
                    "(starts a new run, with a note, if it holds none yet)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines only)")
@@ -104,7 +108,7 @@ def main(argv=None):
     def run():
         initialize_multihost()
         try:
-            default_dir = config.norm if config.dataset != "mnist" else f"mnist-{config.norm}"
+            default_dir = f"{config.dataset}-{config.norm}" if config.dataset in ("mnist", "folder") else config.norm
             train_and_evaluate(config, args.workdir or os.path.join("checkpoints", default_dir),
                                resume=args.resume, progress=not args.no_progress)
         except TrainingInterrupted as e:

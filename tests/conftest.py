@@ -49,9 +49,21 @@ def tiny_config():
                   lr=0.05, dropout=0.0, eval_batch_size=32)
 
 
-def run_script(name, *args, timeout=300):
-    """Run scripts/<name> in a subprocess; returns CompletedProcess with text output."""
+@pytest.fixture
+def offline(monkeypatch):
+    """Downloads go to a closed port on 127.0.0.1 (refused at once), as on a machine without network."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setenv("JAXNORM_CIFAR10_URL", url + "cifar-10-binary.tar.gz")
+    monkeypatch.setenv("JAXNORM_MNIST_URL", url)
+    return url
+
+
+def run_script(name, *args, timeout=300, env=None):
+    """Run scripts/<name> in a subprocess (`env`: variables to add); returns CompletedProcess with text output."""
     import subprocess
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

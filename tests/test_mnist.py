@@ -142,8 +142,6 @@ def test_idx_folder_gz_or_not_and_train_split_sizes(tmp_path):
         load_dataset("mnist", str(tmp_path / "bad"))
 
 
-def test_offline_tfds_mnist_without_local_copy_says_what_to_do(tmp_path, monkeypatch):
-    import jaxnorm.data as data
-    monkeypatch.setattr(data, "_can_reach", lambda host, **kw: False)
-    with pytest.raises(DataError, match="MNIST is not in .*idx files.*--data-dir"):
+def test_offline_mnist_without_local_copy_says_what_to_do(tmp_path, offline):
+    with pytest.raises(DataError, match="MNIST is not in .*no network.*idx files.*--data-dir"):
         load_dataset("mnist", str(tmp_path))
