@@ -9,6 +9,7 @@ GPU, a TPU or several devices restore on one CPU.
 """
 
 import argparse
+from pathlib import Path
 
 from jaxnorm.cli import OneLineParser, run_main
 
@@ -34,7 +35,7 @@ def main(argv=None):
     from jaxnorm.report import dataset_for_run, format_metrics, restore_run, write_run_report
     from jaxnorm.runlock import RunLock
 
-    if not os.path.isdir(args.workdir):  # a reader: never create the folder (restore_run says what is wrong)
+    if not Path(args.workdir).is_dir():  # a reader: never create the folder (restore_run says what is wrong)
         restore_run(args.workdir, args.step)
     with RunLock(args.workdir):  # it writes into the run folder: not while a training run does
         run = restore_run(args.workdir, args.step)
