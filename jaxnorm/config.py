@@ -60,6 +60,7 @@ class Config:
     flip: bool = True  # random horizontal flips (the CIFAR-10 seeds'); off for MNIST
     crop: bool = False  # pad-4-and-crop on top of the flips
     train_split: Optional[int] = None  # carve train (first N) and test (the rest) from one file set
+    train_images: Optional[int] = None  # train on the first N training images only; the test set stays whole
     # Optimisation: SGD + momentum; the learning rate follows `schedule`.
     epochs: int = 20
     batch_size: int = 128
@@ -125,6 +126,8 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
         if self.train_split is not None and self.train_split <= 0:
             raise ConfigError(f"--train-split must be positive, got {self.train_split}")
+        if self.train_images is not None and self.train_images <= 0:
+            raise ConfigError(f"--train-images must be positive, got {self.train_images}")
         widths = self.normalised_widths()
         if self.norm == "gn" and any(w % self.groups for w in widths):
             bad = ", ".join(str(w) for w in dict.fromkeys(widths) if w % self.groups)

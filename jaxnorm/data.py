@@ -140,6 +140,18 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
                                             f"last {n - num_train} test]")
 
 
+def first_train_images(data: Dataset, num_train: Optional[int]) -> Dataset:
+    """Only the first `num_train` training images (None: all); the test set stays whole. Idempotent."""
+    n = len(data.train_images)
+    if num_train is None or num_train == n:
+        return data
+    if not 0 < num_train < n:
+        raise DataError(f"--train-images {num_train} must be between 1 and the {n} training images of {data.source}")
+    return dataclasses.replace(data, train_images=data.train_images[:num_train],
+                               train_labels=data.train_labels[:num_train],
+                               source=f"{data.source} [first {num_train} training images]")
+
+
 def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()

@@ -48,6 +48,10 @@ def devices_for_batch(batch_size: int) -> int:
     n = jax.device_count()
     if jax.default_backend() == "cpu":
         return max(d for d in range(1, n + 1) if batch_size % d == 0)
+    if batch_size < n:  # a batch of 2 on 4 GPUs: say what to do, not just what is wrong
+        raise ConfigError(f"a batch of {batch_size} cannot be split over the {n} devices in use (one image "
+                          f"each at least): use a larger batch or at most {batch_size} devices "
+                          "(e.g. CUDA_VISIBLE_DEVICES=0)")
     if batch_size % n:
         raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
                           f"{n} devices in use")

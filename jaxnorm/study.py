@@ -16,13 +16,14 @@ from jaxnorm.checkpoint import CheckpointError, RunCheckpoints
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
 from jaxnorm.report import _quiet_absl, format_mean_std, plot_curves
+from jaxnorm.train import train_and_evaluate
 
 BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 # Fields a reused run must share with the study's config (seed and norm are in the folder name).
 STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
                   "lr", "lr_step_epochs", "lr_gamma", "weight_decay", "dropout", "crop", "label_smoothing",
-                  "l1", "train_split")
+                  "l1", "train_split", "train_images")
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
@@ -70,6 +71,18 @@ def finished_epochs(workdir: Path, config: Config) -> int:
     if diffs:
         raise ConfigError(f"{workdir} holds another run ({', '.join(diffs)}): move it or pass another --runs")
     return len(meta.get("history", []))
+
+
+def train_or_reuse(config: Config, workdir: Path, dataset: Dataset, *, progress: bool = True) -> bool:
+    """Reuse a finished run in `workdir` (config.epochs trained), else train it, resuming whatever is
+    there (also a Ctrl-C checkpoint). Returns whether it trained."""
+    done = finished_epochs(workdir, config)
+    if done >= config.epochs:
+        print(f"{workdir}: finished ({done} epochs), reused")
+        return False
+    print(f"{workdir}: training {config.norm} seed {config.seed}" + (f" (resuming at epoch {done})" if done else ""))
+    train_and_evaluate(config, workdir, resume=True, dataset=dataset, progress=progress)
+    return True
 
 
 def study_rows(records: dict[str, list[dict]]) -> list[dict]:

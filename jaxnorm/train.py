@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, check_writable_workdir
 from jaxnorm.config import Config, ConfigError
-from jaxnorm.data import Dataset, augment, load_dataset
+from jaxnorm.data import Dataset, augment, first_train_images, load_dataset
 from jaxnorm.models import build_model, count_params, init_variables, l1_penalty
 from jaxnorm.runlock import holding_run_lock
 
 # Fields that define the model and data of a run: resuming with another value is refused.
-RUN_IDENTITY = ("norm", "groups", "width", "transition_width", "skip", "dataset", "train_split")
+RUN_IDENTITY = ("norm", "groups", "width", "transition_width", "skip", "dataset", "train_split", "train_images")
 
 
 class TrainState(train_state.TrainState):
@@ -197,6 +197,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     workdir = Path(workdir)
     check_writable_workdir(workdir)
     dataset = dataset or load_dataset(config.dataset, config.data_dir, train_split=config.train_split)
+    dataset = first_train_images(dataset, config.train_images)
     num_train = len(dataset.train_images)
     if config.batch_size > num_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")

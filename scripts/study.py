@@ -58,8 +58,7 @@ def main(argv=None):
     from jaxnorm.data import load_dataset
     from jaxnorm.report import restore_run, write_run_report
     from jaxnorm.runlock import RunLock
-    from jaxnorm.study import dataset_name, finished_epochs, run_history, write_study
-    from jaxnorm.train import train_and_evaluate
+    from jaxnorm.study import dataset_name, run_history, train_or_reuse, write_study
 
     dataset = load_dataset(args.dataset, args.data_dir, train_split=base.train_split)
     name = dataset_name(args.dataset, dataset)
@@ -72,14 +71,8 @@ def main(argv=None):
         for seed in args.seeds:
             config = base.replace(norm=norm, seed=seed)
             workdir = runs_root / f"{norm}{variant}-s{seed}"
-            done = finished_epochs(workdir, config)
-            if done >= base.epochs:
-                print(f"{workdir}: finished ({done} epochs), reused")
-            else:
-                print(f"{workdir}: training {norm} seed {seed}" + (f" (resuming at epoch {done})" if done else ""))
-                train_and_evaluate(config, workdir, resume=True, dataset=dataset,  # also picks up a Ctrl-C checkpoint
-                                   progress=not args.no_progress)
-            with RunLock(workdir):  # nests with train_and_evaluate's own lock of the folder
+            train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
+            with RunLock(workdir):  # it writes the report into the run folder: not while another process trains it
                 record = write_run_report(restore_run(workdir), dataset)
             record["history"] = run_history(workdir)
             records.setdefault(norm, []).append(record)
