@@ -21,9 +21,10 @@ from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import DATASET_DEFAULTS, IDENTITY, RECIPE, WIDTH_PRESETS, Config, ConfigError
 from jaxnorm.data import DataError
 from jaxnorm.devices import setup_cpu_devices
+from jaxnorm.runlock import RunLocked
 from jaxnorm.train import TrainingError, TrainingInterrupted
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunLocked)
 GROUPS = {IDENTITY: "model and data (fixed for a run)", RECIPE: "training recipe", "runtime": "where and how"}
 
 
@@ -40,6 +41,10 @@ def run_main(main: Callable[[], object], *, resume_with: Optional[str] = None) -
         sys.exit(128 + e.signum)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the machine, not the program: a full disk, a lost permission, an I/O error
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

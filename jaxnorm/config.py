@@ -37,6 +37,16 @@ RECIPE = "recipe"      # how it is trained: a resumed run may change it; a study
 RUNTIME = "runtime"    # where and how fast: never changes a result
 
 
+# Meaningful ranges of the numeric knobs not checked elsewhere in `validate`.
+RANGES = {
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1 would train towards uniform targets
+    "lr_gamma": ("in (0, 1]", lambda v: 0 < v <= 1),  # the step schedule decays
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),  # what jax.random.PRNGKey takes
+}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the command line prints its message as one line."""
 
@@ -129,10 +139,12 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError for anything that would fail later; returns self for chaining."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"unknown {f.name} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(f.metadata['choices'])}")
         for name in ("epochs", "batch_size", "eval_batch_size", "width", "transition_width",
                      "lr_step_epochs", "groups"):
             if getattr(self, name) <= 0:
@@ -145,6 +157,9 @@ class Config:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.l1 >= 0:
             raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
+        for name, (text, ok) in RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
         if self.train_split is not None and self.train_split <= 0:
             raise ConfigError(f"--train-split must be positive, got {self.train_split}")
         if self.train_images is not None and self.train_images <= 0:

@@ -94,12 +94,35 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Opti
         data = _load_folder(data_dir)
     else:
         raise DataError(f"unknown dataset {name!r}")
+    check_dataset(data)
     if train_split:
         return split_train_test(data, train_split)
     if len(data.train_images) == 0:
         raise DataError(f"{data.source} has test images only (no training images file): pass --train-split N "
                         f"to train on the first N of its {len(data.test_images)} images and test on the rest")
     return data
+
+
+def check_split(images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> None:
+    """DataError naming `where` unless images are (N, H, W, C) uint8 with N labels in [0, num_classes)."""
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be (N, height, width, channels) uint8, got {images.shape} {images.dtype}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: {len(images)} images but labels of shape {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(f"{where}: label {int(labels[bad[0]])} of image {int(bad[0])} is outside 0..{num_classes - 1} "
+                        f"({len(bad)} such label{'s' if len(bad) > 1 else ''}): a damaged file?")
+
+
+def check_dataset(data: Dataset) -> None:
+    """Labels in range and counts consistent, for every source (the readers also check each file)."""
+    n = len(data.class_names)
+    check_split(data.train_images, data.train_labels, n, f"{data.source} (training set)")
+    check_split(data.test_images, data.test_labels, n, f"{data.source} (test set)")
+    if len(data.train_images) and data.train_images.shape[1:] != data.test_images.shape[1:]:
+        raise DataError(f"{data.source}: training images are {data.train_images.shape[1:]} but test images "
+                        f"{data.test_images.shape[1:]}")
 
 
 def split_train_test(data: Dataset, num_train: int) -> Dataset:
@@ -184,14 +207,17 @@ def read_cifar10_archive(path: Path) -> Dataset:
     """Read the official binary or python CIFAR-10 layout, from a .tar.gz or an extracted folder."""
     files = _read_archive_files(path)  # basename -> bytes
     if all(f in files for f in _CIFAR_BIN_FILES):
-        splits = [_parse_cifar_bin(files[f], f) for f in _CIFAR_BIN_FILES]
+        splits = [_parse_cifar_bin(files[f], f"{path}: {f}") for f in _CIFAR_BIN_FILES]
         meta = files.get("batches.meta.txt", b"").decode().split()
     elif all(f in files for f in _CIFAR_PY_FILES):
-        splits = [_parse_cifar_py(files[f], f) for f in _CIFAR_PY_FILES]
+        splits = [_parse_cifar_py(files[f], f"{path}: {f}") for f in _CIFAR_PY_FILES]
         meta = [n.decode() if isinstance(n, bytes) else n for n in
                 _unpickle(files["batches.meta"]).get(b"label_names", [])] if "batches.meta" in files else []
     else:
         raise DataError(f"{path} is not a CIFAR-10 archive: it lacks data_batch_1..5 and test_batch")
+    names = _CIFAR_BIN_FILES if all(f in files for f in _CIFAR_BIN_FILES) else _CIFAR_PY_FILES
+    for name, (images, labels) in zip(names, splits):  # a damaged label byte: name the file now
+        check_split(images, labels, 10, f"{path}: {name}")
     train_images = np.concatenate([s[0] for s in splits[:5]])
     train_labels = np.concatenate([s[1] for s in splits[:5]])
     names = tuple(meta) if len(meta) == 10 else CIFAR10_CLASSES
@@ -228,7 +254,12 @@ def _unpickle(raw: bytes) -> dict:
 
 def _parse_cifar_py(raw: bytes, name: str):
     batch = _unpickle(raw)
-    images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{name} is not a CIFAR-10 python batch (no data and labels in it)")
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{name}: data of shape {data.shape}, expected (N, 3072)")
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(batch[b"labels"], np.int32)
 
 
@@ -355,7 +386,9 @@ def read_mnist_idx(folder: Path) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{images_path.name} {images.shape} and {labels_path.name} {labels.shape} "
                             "are not a matching image/label pair")
-        return images.astype(np.uint8)[..., None], labels.astype(np.int32)
+        images, labels = images.astype(np.uint8)[..., None], labels.astype(np.int32)
+        check_split(images, labels, len(MNIST_CLASSES), str(labels_path))
+        return images, labels
 
     test = pair("test")
     if test is None:

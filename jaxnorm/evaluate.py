@@ -24,7 +24,7 @@ import numpy as np
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxnorm.config import NORM_NAMES, Config
-from jaxnorm.data import Dataset, DataError, load_dataset
+from jaxnorm.data import Dataset, DataError, first_train_images, load_dataset
 from jaxnorm.figures import misclassified_grid, plot_curves
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
@@ -143,7 +143,8 @@ class RestoredRun:
 
 
 def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
-    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest).
+    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest; an unreadable
+    one is skipped with a warning for the newest readable one, while an unreadable `step` is an error).
 
     The model is rebuilt from the config saved in the checkpoint, and the state restored onto the
     devices of this process (one CPU is fine) through an abstract target, whatever wrote it.
@@ -151,30 +152,46 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
     with quiet_absl():  # Orbax warns on every read-only manager; the user asked for nothing wrong
         checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
-        latest = checkpoints.require_latest_step()  # the one message for empty or half-written folders
-        step = checkpoints.require_best_step() if step is None else step
-        meta = checkpoints.restore_meta(step)
-        if "image_shape" not in meta:
-            raise CheckpointError(f"{workdir}: checkpoint {step} was not written by jaxnorm (no image shape in it)")
-        history = checkpoints.restore_meta(latest)["history"] if latest != step else meta["history"]
-        config = Config.from_dict(meta["config"])
-        model = build_model(config, meta["input_mean"], meta["input_std"],
-                            num_classes=len(meta.get("class_names", range(10))))
-        # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
-        shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
-                                                           steps_per_epoch=1))
+        checkpoints.require_latest_step()  # the one message for empty or half-written folders
         mesh = parallel.make_mesh()
-        state, meta = checkpoints.restore(step, abstract_like(shapes, parallel.replicated(mesh)))
+
+        def target(meta):  # the restore target, from the checkpoint's own record
+            if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
+                raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm (no config in them)")
+            config, model = Config.from_dict(meta["config"]), _model_of(meta)
+            # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
+            shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
+                                                               steps_per_epoch=1))
+            return abstract_like(shapes, parallel.replicated(mesh))
+
+        if step is not None:
+            state, meta = checkpoints.restore(step, target(checkpoints.restore_meta(step)))
+        else:
+            step, state, meta = checkpoints.restore_readable(target, prefer=checkpoints.best_step())
+        _, newest = checkpoints.readable_meta()  # the whole run's history, whichever step is restored
     finally:
         checkpoints.close()
-    return RestoredRun(Path(workdir), int(step), config, meta, model, state, mesh, history)
+    return RestoredRun(Path(workdir), int(step), Config.from_dict(meta["config"]), meta, _model_of(meta), state,
+                       mesh, newest["history"])
+
+
+def _model_of(meta: dict) -> nn.Module:
+    return build_model(Config.from_dict(meta["config"]), meta["input_mean"], meta["input_std"],
+                       num_classes=len(meta.get("class_names", range(10))))
 
 
 def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset:
     """The run's dataset (from its saved config, or `data_dir`), checked against what it was trained on."""
+    recorded = run.config.data_dir
+    if data_dir is None and recorded and not Path(recorded).expanduser().exists():
+        where = Path(recorded).expanduser().absolute()
+        note = "" if Path(recorded).is_absolute() else f" (the run recorded the relative path {recorded})"
+        raise DataError(f"the data {run.workdir} was trained on is not at {where}{note}: pass --data-dir PATH "
+                        "to where it is now")
     with quiet_absl():
         dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir,
                                train_split=run.config.train_split)
+    dataset = first_train_images(dataset, run.config.train_images)
     if tuple(dataset.image_shape) != tuple(run.meta["image_shape"]):
         raise DataError(f"the data has images of shape {dataset.image_shape} but the run was trained on "
                         f"{tuple(run.meta['image_shape'])}")

@@ -69,3 +69,12 @@ def data_sharded(mesh) -> NamedSharding:
 def put_replicated(array: np.ndarray, mesh) -> jax.Array:
     """A host array copied to every device (the same array on every host of a multi-host job)."""
     return jax.device_put(array, replicated(mesh))
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (a tiny all-gather; every process must call it at the
+    same point). One process: `value` itself, with no communication."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -69,10 +69,9 @@ def finished_epochs(workdir: Path, config: Config) -> int:
     with quiet_absl():
         checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
-        latest = checkpoints.latest_step()
-        if latest is None:
+        if checkpoints.latest_step() is None:
             return 0
-        meta = checkpoints.restore_meta(latest)
+        _, meta = checkpoints.readable_meta()  # past unreadable checkpoints, with a warning
     finally:
         checkpoints.close()
     saved = Config.from_dict(meta.get("config", {}))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ from jaxnorm.config import IDENTITY, Config, ConfigError
 from jaxnorm.data import Dataset, augment, first_train_images, load_dataset
 from jaxnorm.evaluate import format_summary, logit_metrics, make_predict, summarize
 from jaxnorm.models import build_model, count_params, l1_penalty, model_summary
+from jaxnorm.runlock import holding_run_lock
 from jaxnorm.state import TrainState, create_train_state, learning_rate_schedule
 from jaxnorm.utils import write_json
 
@@ -115,6 +117,7 @@ def make_epoch_order(config: Config, mesh, num_examples: int):
 # The run.
 
 
+@holding_run_lock  # one process per run folder, taken before anything is written
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
                        dataset: Optional[Dataset] = None, progress: bool = True) -> dict:
     """Train `config` in `workdir` (checkpoints, metrics.json), evaluating on the test set every epoch.
@@ -122,6 +125,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     Returns {'state', 'history', 'num_params', 'summary'}.
     """
     config.validate()
+    if config.data_dir:  # recorded in the run folder: readers may start from another directory
+        config = config.replace(data_dir=os.path.abspath(os.path.expanduser(config.data_dir)))
     workdir = Path(workdir)
     check_writable_workdir(workdir)
     dataset = dataset or load_dataset(config.dataset, config.data_dir, train_split=config.train_split)
@@ -134,8 +139,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         run = _start_or_resume(config, workdir, dataset, checkpoints, latest)
         with stop_requests() as stop:
             for epoch in range(int(run.state.step) // run.steps_per_epoch, config.epochs):
-                if stop.signum is not None:  # arrived during the last step of an epoch: that epoch is saved
-                    raise _interrupted(run, stop.signum)
+                if stop.agreed(sync_point=True) is not None:  # arrived after an epoch's last step: it is saved
+                    raise _interrupted(run, stop.decided)
                 _train_epoch(run, epoch, stop, progress)
     summary = summarize(run.history, run.num_params)
     print(format_summary(config.norm, summary))
@@ -173,7 +178,8 @@ def _existing_run(checkpoints: RunCheckpoints, config: Config, resume: bool) -> 
     if latest is None and resume:
         print(f"note: {checkpoints.workdir} holds no checkpoint yet: starting a new run")
     if latest is not None:
-        check_same_run(config, Config.from_dict(checkpoints.restore_meta(latest)["config"]))
+        latest, saved = checkpoints.readable_meta()  # skips (with a warning) checkpoints that cannot be read
+        check_same_run(config, Config.from_dict(saved["config"]))
     return latest
 
 
@@ -197,7 +203,7 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
     if latest is None:
         print(model_summary(model, dataset.image_shape))  # once per run folder, not on every resume
     else:
-        state, saved = checkpoints.restore(latest, abstract_like(state, parallel.replicated(mesh)))
+        latest, state, saved = checkpoints.restore_readable(abstract_like(state, parallel.replicated(mesh)))
         history, partial = saved["history"], saved.get("partial")
         # The checkpoint is the truth: drop epochs a kill left in metrics.json but not in a checkpoint.
         if jax.process_index() == 0:
@@ -231,8 +237,9 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
         run.state, metrics = run.train_step(run.state, run.images, run.labels, order, i)
         losses.append(metrics["loss"])
         corrects.append(metrics["correct"])
-        if stop.signum is not None and i + 1 < steps:
-            _save_partial_epoch_and_stop(run, epoch, losses, corrects, stop.signum)
+        stop_now = stop.agreed(sync_point=(i + 1) % 10 == 0 or i + 1 == steps)
+        if stop_now is not None and i + 1 < steps:
+            _save_partial_epoch_and_stop(run, epoch, losses, corrects, stop_now)
         if (i + 1) % 10 == 0 or i + 1 == steps:  # sync rarely: keeps the device queue full
             seen = (i + 1) * config.batch_size
             bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.3f}",
@@ -255,7 +262,8 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
     run.checkpoints.save(int(run.state.step), run.state, {**run.meta, "history": run.history},
                          metrics={"test_accuracy": record["test_accuracy"]})
     if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates checkpoints
-        write_json(run.workdir / "metrics.json", run.history)
+        with run.checkpoints.saving(int(run.state.step)):  # a full disk: one line, as for the checkpoint
+            write_json(run.workdir / "metrics.json", run.history)
     tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
                f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
                f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s | {seconds:.1f}s")
@@ -310,15 +318,28 @@ def check_finite(step_losses: np.ndarray, epoch: int, steps_per_epoch: int, chec
 class stop_requests:
     """Within `with stop_requests() as stop:`, SIGINT/SIGTERM set `stop.signum` instead of killing the
     process (a second one raises KeyboardInterrupt at once); the previous handlers come back on exit.
-    Only the main thread can own signal handlers: elsewhere this does nothing."""
+    Only the main thread can own signal handlers: elsewhere this does nothing.
+
+    Several processes (multi-host): a signal may reach one host only, and a save every host does not
+    join hangs. So the stop is agreed: `agreed(sync_point)` takes the max of every process's signal at
+    the sync points (every 10th step and each epoch's last, the same on all hosts), and all stop and
+    save at the same step. On one process it answers at once, every step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self.decided, self._previous = None, None, {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
+
+    def agreed(self, sync_point: bool) -> Optional[int]:
+        """The signal every process stops on (None: go on); see the class docstring."""
+        if jax.process_count() == 1:
+            self.decided = self.signum
+        elif sync_point:
+            self.decided = parallel.max_over_processes(self.signum or 0) or None
+        return self.decided
 
     def _handle(self, signum, frame):
         if self.signum is not None:

@@ -8,9 +8,11 @@ Writes evaluation.json, misclassified.png and curves.png (the run's whole histor
 folder. Checkpoints written on a GPU, a TPU or several devices restore on one CPU.
 """
 
+from pathlib import Path
 
 from jaxnorm.cli import OneLineParser, run_main
 from jaxnorm.evaluate import dataset_for_run, format_metrics, restore_run, write_run_report
+from jaxnorm.runlock import RunLock
 
 
 def parse_args(argv=None):
@@ -31,9 +33,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = restore_run(args.workdir, args.step)
-    dataset = dataset_for_run(run, args.data_dir)
-    record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
+    if not Path(args.workdir).is_dir():  # a reader: never create the folder (restore_run says what is wrong)
+        restore_run(args.workdir, args.step)
+    with RunLock(args.workdir):  # it writes into the run folder: not while a training run does
+        run = restore_run(args.workdir, args.step)
+        dataset = dataset_for_run(run, args.data_dir)
+        record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
     print(f"{args.workdir}: {run.config.norm}, {record['num_params']:,} parameters, step {run.step} "
           f"(epoch {record['epoch']} of {len(run.history)}), data {dataset.source}")
     for split in ("train", "test"):

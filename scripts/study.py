@@ -21,6 +21,7 @@ from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_
 from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
 from jaxnorm.evaluate import restore_run, write_run_report
+from jaxnorm.runlock import RunLock
 from jaxnorm.study import dataset_name, train_or_reuse, write_study
 
 
@@ -58,7 +59,8 @@ def main(argv=None):
             config = base.replace(norm=norm, seed=seed)
             workdir = runs_root / f"{norm}{variant}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
-            records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
+            with RunLock(workdir):  # it writes the report into the run folder: not while another process trains it
+                records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
     command = shlex.join(["python", "scripts/study.py", *sys.argv[1:]])
