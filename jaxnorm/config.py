@@ -4,6 +4,7 @@
     python scripts/train.py --dataset mnist --norm gn   # the MNIST net, 15 epochs, batch 64, 2 groups
 
 The dataset-dependent defaults live in one place, `DATASET_DEFAULTS`, applied by `Config.for_dataset`.
+The command-line options of every script are generated from the fields (`jaxnorm.cli`).
 
 `Config` is saved inside every checkpoint, so a run can be rebuilt (model, data, schedule) from its
 folder alone.
@@ -15,12 +16,12 @@ import dataclasses
 import math
 from typing import Optional
 
-NORMS = ("bn", "gn", "ln")
-SCHEDULES = ("step", "linear", "cosine")
-DATASETS = ("cifar10", "mnist", "synthetic")
+from jaxnorm.networks import network_layers, normalised_widths
 
-# The MNIST net's normalised layers (every conv but the last): GroupNorm's groups must divide each.
-MNIST_NORM_WIDTHS = (10, 16, 8, 16, 16, 16, 8, 10, 16)
+NORMS = ("bn", "gn", "ln")
+NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
+SCHEDULES = ("step", "linear", "cosine")
+DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 
 # Where a dataset's seed recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' 15
 # epochs and batch 64; 2 groups (the largest count dividing 10, 16 and 8); no flips (digits are not
@@ -30,50 +31,100 @@ DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
 
+# What a field is to a run (field metadata "role"):
+IDENTITY = "identity"  # the model and data: resuming with another value is refused
+RECIPE = "recipe"      # how it is trained: a resumed run may change it; a study's reused runs must match
+RUNTIME = "runtime"    # where and how fast: never changes a result
+
+
+# Meaningful ranges of the numeric knobs not checked elsewhere in `validate`.
+RANGES = {
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1 would train towards uniform targets
+    "lr_gamma": ("in (0, 1]", lambda v: 0 < v <= 1),  # the step schedule decays
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),  # what jax.random.PRNGKey takes
+}
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the command line prints its message as one line."""
 
 
+def knob(default, help: str, *, role: str = RECIPE, choices=None, metavar: Optional[str] = None):
+    """A Config field with its command-line help (and choices); see `Config`."""
+    return dataclasses.field(default=default, metadata={"help": help, "role": role, "choices": choices,
+                                                        "metavar": metavar})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """One field per knob; `jaxnorm.cli` turns each into `--the-name` of every script taking a config.
+
+    Adding a knob is a one-place change: declare it here with `knob(default, "help", role=...,
+    choices=...)` (bool fields become --x/--no-x, Optional[T] fields take a T); check its range in
+    `validate()` if it has one; read it where it is used. The role says whether a resume may change
+    it (IDENTITY: no), whether a study's reused runs must share it (IDENTITY and RECIPE) or neither
+    (RUNTIME). A dataset-specific default goes into `DATASET_DEFAULTS`.
+    """
+
     # Model.
-    norm: str = "bn"
-    groups: int = 8  # GroupNorm groups; must divide every normalised layer's channels.
-    width: int = 24
-    transition_width: int = 16
-    dropout: float = 0.05
-    skip: bool = False
+    norm: str = knob("bn", "bn: BatchNorm, gn: GroupNorm, ln: LayerNorm over C, H and W", role=IDENTITY,
+                     choices=NORMS)
+    groups: int = knob(8, "GroupNorm groups; must divide every normalised layer's channels", role=IDENTITY)
+    width: int = knob(24, "channels of the 3x3 convs (overrides --preset)", role=IDENTITY)
+    transition_width: int = knob(16, "channels of the 1x1 transitions (overrides --preset)", role=IDENTITY)
+    dropout: float = knob(0.05, "dropout rate; whole channels in the MNIST net")
+    skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
     # Data.
-    dataset: str = "cifar10"
-    data_dir: Optional[str] = None
-    flip: bool = True  # random horizontal flips (the CIFAR-10 seeds'); off for MNIST
-    crop: bool = False  # pad-4-and-crop on top of the flips
-    train_split: Optional[int] = None  # carve train (first N) and test (the rest) from one file set
+    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; folder: "
+                        "the seed CNN on the image folder --data-dir, one class per sub-folder; synthetic: "
+                        "generated images for smoke runs", role=IDENTITY, choices=DATASETS)
+    data_dir: Optional[str] = knob(
+        None, "CIFAR-10 archive (cifar-10-binary.tar.gz / cifar-10-python.tar.gz) or its extracted folder; "
+        "for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); an image folder "
+        "train/<class>/*, test/<class>/* or a .tar/.tar.gz/.zip of one (folder; cifar10 with its ten class "
+        "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
+        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
+    flip: bool = knob(True, "random horizontal flips (the CIFAR-10 seeds')")
+    crop: bool = knob(False, "also pad by 4 and crop randomly")
+    train_split: Optional[int] = knob(
+        None, "train on the first N images of one file set and test on the rest (the training files, or the "
+        "test files when the folder has no training images, e.g. ../shared/data/mnist: --train-split 8000 "
+        "gives 8,000 train / 2,000 test)", role=IDENTITY, metavar="N")
+    train_images: Optional[int] = knob(
+        None, "train on the first N training images only; the test set stays whole (the batch-size sweep's "
+        "budget)", role=IDENTITY, metavar="N")
     # Optimisation: SGD + momentum; the learning rate follows `schedule`.
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.05  # the peak learning rate
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "step"  # step: x lr_gamma every lr_step_epochs; linear / cosine: decay to 0 at the end
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr (linear and cosine schedules)
-    lr_step_epochs: int = 10  # multiply the learning rate by lr_gamma every this many epochs
-    lr_gamma: float = 0.1
-    weight_decay: float = 5e-4
-    l1: float = 0.0  # adds l1 * sum |conv kernels| to the loss (any norm)
-    label_smoothing: float = 0.0
-    seed: int = 0
-    eval_batch_size: int = 1000
+    epochs: int = knob(20, "epochs to train")
+    batch_size: int = knob(128, "global batch, over all devices")
+    lr: float = knob(0.05, "the peak learning rate")
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(False, "Nesterov momentum")
+    schedule: str = knob("step", "step: x --lr-gamma every --lr-step-epochs; linear / cosine: decay to 0 at the "
+                         "last step, after --warmup-epochs of linear warm-up", choices=SCHEDULES)
+    warmup_epochs: float = knob(0.0, "linear warm-up from 0 to --lr (linear and cosine schedules)")
+    lr_step_epochs: int = knob(10, "multiply the learning rate by --lr-gamma every this many epochs")
+    lr_gamma: float = knob(0.1, "the step schedule's factor")
+    weight_decay: float = knob(5e-4, "L2 weight decay, added to the gradient as torch.optim.SGD does")
+    l1: float = knob(0.0, "add LAMBDA * sum |conv kernels| to the loss (any norm); recorded as train_l1",
+                     metavar="LAMBDA")
+    label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
+    seed: int = knob(0, "same seed, same result")
+    eval_batch_size: int = knob(1000, "batch of the per-epoch evaluation", role=RUNTIME)
+
+    @classmethod
+    def fields_with_role(cls, *roles: str) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["role"] in roles)
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides) -> "Config":
         """The defaults for `dataset` (`DATASET_DEFAULTS` over the CIFAR-10 ones), then `overrides`."""
         return cls(**{"dataset": dataset, **DATASET_DEFAULTS.get(dataset, {}), **overrides})
 
-    def normalised_widths(self) -> tuple:
-        """Channel counts of the layers followed by a norm, in the network this config builds."""
-        return MNIST_NORM_WIDTHS if self.dataset == "mnist" else (self.width,)
+    def layers(self) -> tuple:
+        """The layers of the network this config builds (see `jaxnorm.networks`)."""
+        return network_layers(self.dataset, self.width, self.transition_width)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -88,16 +139,16 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError for anything that would fail later; returns self for chaining."""
-        if self.norm not in NORMS:
-            raise ConfigError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(f.metadata['choices'])}")
         for name in ("epochs", "batch_size", "eval_batch_size", "width", "transition_width",
                      "lr_step_epochs", "groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
         if not self.lr > 0:
@@ -106,9 +157,14 @@ class Config:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.l1 >= 0:
             raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
+        for name, (text, ok) in RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
         if self.train_split is not None and self.train_split <= 0:
             raise ConfigError(f"--train-split must be positive, got {self.train_split}")
-        widths = self.normalised_widths()
+        if self.train_images is not None and self.train_images <= 0:
+            raise ConfigError(f"--train-images must be positive, got {self.train_images}")
+        widths = normalised_widths(self.layers())
         if self.norm == "gn" and any(w % self.groups for w in widths):
             bad = ", ".join(str(w) for w in dict.fromkeys(widths) if w % self.groups)
             raise ConfigError(f"--groups {self.groups} does not divide the {bad} channels of the "

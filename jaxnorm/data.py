@@ -5,8 +5,13 @@ Sources, in the order `load_dataset` tries them:
     `cifar-10-python.tar.gz`), their extracted folders, or a folder holding one of those; for MNIST a
     folder of the official idx files (`train-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`, ...,
     gzipped or not);
-  * TFDS (`tfds.data_source`, no TensorFlow needed), in `--data-dir`, `$TFDS_DATA_DIR` or
-    ~/tensorflow_datasets, downloading when the machine has a network;
+  * an image folder (`train/<class>/*`, `test/<class>/*`, or a .tar/.tar.gz/.zip of one; see
+    `jaxnorm.imagefolder`): `--dataset folder` for any classes, `--dataset cifar10` when the class
+    folders are CIFAR-10's ten names;
+  * the official files downloaded before, in `<root>/jaxnorm-downloads/<dataset>/`, where <root> is
+    `--data-dir`, `$TFDS_DATA_DIR` or ~/tensorflow_datasets;
+  * a prepared TFDS dataset in <root> (`tfds.data_source`, no TensorFlow needed);
+  * the official files, downloaded now into that folder (`jaxnorm.download`: checksums, mirrors);
   * `synthetic`: small generated images for smoke runs and tests.
 
 `train_split=N` (`--train-split N`) carves one file set into the first N images for training and the
@@ -20,7 +25,6 @@ import dataclasses
 import gzip
 import os
 import pickle
-import socket
 import tarfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,23 +33,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm import download
+from jaxnorm.imagefolder import ImageFolderError, is_image_folder, read_image_folder
+from jaxnorm.utils import quiet_absl
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 _CIFAR_BIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 _CIFAR_PY_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
-CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where TFDS's cifar10 builder downloads from
 OFFLINE_HELP = ("download the official archive (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz "
-                "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH")
+                "or cifar-10-python.tar.gz) on a machine with internet and pass it with --data-dir PATH, "
+                "or set JAXNORM_CIFAR10_URL to a mirror")
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-MNIST_DOWNLOAD_HOST = "storage.googleapis.com"  # where TFDS's mnist builder downloads from
 MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) on a machine with internet "
-                      "and pass their folder with --data-dir PATH")
-# dataset -> (display name, TFDS host it downloads from, class names, what to do offline)
-TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_DOWNLOAD_HOST, CIFAR10_CLASSES, OFFLINE_HELP),
-                "mnist": ("MNIST", MNIST_DOWNLOAD_HOST, MNIST_CLASSES, MNIST_OFFLINE_HELP)}
+                      "and pass their folder with --data-dir PATH, or set JAXNORM_MNIST_URL to a mirror folder")
+# The datasets with official files (downloaded by `jaxnorm.download`, or prepared by TFDS):
+# dataset -> (display name, class names, what to do offline)
+TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_CLASSES, OFFLINE_HELP),
+                "mnist": ("MNIST", MNIST_CLASSES, MNIST_OFFLINE_HELP)}
 
 
 class DataError(RuntimeError):
@@ -82,14 +90,39 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Opti
         data = _load_cifar10(data_dir)
     elif name == "mnist":
         data = _load_mnist(data_dir)
+    elif name == "folder":
+        data = _load_folder(data_dir)
     else:
         raise DataError(f"unknown dataset {name!r}")
+    check_dataset(data)
     if train_split:
         return split_train_test(data, train_split)
     if len(data.train_images) == 0:
         raise DataError(f"{data.source} has test images only (no training images file): pass --train-split N "
                         f"to train on the first N of its {len(data.test_images)} images and test on the rest")
     return data
+
+
+def check_split(images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> None:
+    """DataError naming `where` unless images are (N, H, W, C) uint8 with N labels in [0, num_classes)."""
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be (N, height, width, channels) uint8, got {images.shape} {images.dtype}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: {len(images)} images but labels of shape {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(f"{where}: label {int(labels[bad[0]])} of image {int(bad[0])} is outside 0..{num_classes - 1} "
+                        f"({len(bad)} such label{'s' if len(bad) > 1 else ''}): a damaged file?")
+
+
+def check_dataset(data: Dataset) -> None:
+    """Labels in range and counts consistent, for every source (the readers also check each file)."""
+    n = len(data.class_names)
+    check_split(data.train_images, data.train_labels, n, f"{data.source} (training set)")
+    check_split(data.test_images, data.test_labels, n, f"{data.source} (test set)")
+    if len(data.train_images) and data.train_images.shape[1:] != data.test_images.shape[1:]:
+        raise DataError(f"{data.source}: training images are {data.train_images.shape[1:]} but test images "
+                        f"{data.test_images.shape[1:]}")
 
 
 def split_train_test(data: Dataset, num_train: int) -> Dataset:
@@ -108,16 +141,48 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
                                             f"last {n - num_train} test]")
 
 
+def first_train_images(data: Dataset, num_train: Optional[int]) -> Dataset:
+    """Only the first `num_train` training images (None: all); the test set stays whole. Idempotent."""
+    n = len(data.train_images)
+    if num_train is None or num_train == n:
+        return data
+    if not 0 < num_train < n:
+        raise DataError(f"--train-images {num_train} must be between 1 and the {n} training images of {data.source}")
+    return dataclasses.replace(data, train_images=data.train_images[:num_train],
+                               train_labels=data.train_labels[:num_train],
+                               source=f"{data.source} [first {num_train} training images]")
+
+
 def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
+        if is_image_folder(path):
+            return read_folder_dataset(path, CIFAR10_CLASSES)
         local = find_cifar10_archive(path)
         if local is not None:
             return read_cifar10_archive(local)
         if path.is_file():
             raise DataError(f"{data_dir} is not a CIFAR-10 archive (expected cifar-10-binary.tar.gz or "
-                            "cifar-10-python.tar.gz)")
-    return load_tfds("cifar10", data_dir)
+                            "cifar-10-python.tar.gz, or an image folder train/<class>/*, test/<class>/*)")
+    return load_official("cifar10", data_dir)
+
+
+def _load_folder(data_dir: Optional[str]) -> Dataset:
+    path = Path(data_dir).expanduser() if data_dir is not None else None
+    if path is None or not is_image_folder(path):
+        raise DataError(f"--dataset folder needs --data-dir naming a folder laid out as train/<class>/<image> and "
+                        f"test/<class>/<image>, or a .tar/.tar.gz/.zip of one; {data_dir} is not")
+    return read_folder_dataset(path)
+
+
+def read_folder_dataset(path: Path, class_names: Optional[Sequence[str]] = None) -> Dataset:
+    """An image folder (see `jaxnorm.imagefolder`); labels follow `class_names` if given, else the sorted
+    folder names."""
+    try:
+        found = read_image_folder(path, class_names)
+    except ImageFolderError as e:
+        raise DataError(str(e)) from None
+    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,14 +207,17 @@ def read_cifar10_archive(path: Path) -> Dataset:
     """Read the official binary or python CIFAR-10 layout, from a .tar.gz or an extracted folder."""
     files = _read_archive_files(path)  # basename -> bytes
     if all(f in files for f in _CIFAR_BIN_FILES):
-        splits = [_parse_cifar_bin(files[f], f) for f in _CIFAR_BIN_FILES]
+        splits = [_parse_cifar_bin(files[f], f"{path}: {f}") for f in _CIFAR_BIN_FILES]
         meta = files.get("batches.meta.txt", b"").decode().split()
     elif all(f in files for f in _CIFAR_PY_FILES):
-        splits = [_parse_cifar_py(files[f], f) for f in _CIFAR_PY_FILES]
+        splits = [_parse_cifar_py(files[f], f"{path}: {f}") for f in _CIFAR_PY_FILES]
         meta = [n.decode() if isinstance(n, bytes) else n for n in
                 _unpickle(files["batches.meta"]).get(b"label_names", [])] if "batches.meta" in files else []
     else:
         raise DataError(f"{path} is not a CIFAR-10 archive: it lacks data_batch_1..5 and test_batch")
+    names = _CIFAR_BIN_FILES if all(f in files for f in _CIFAR_BIN_FILES) else _CIFAR_PY_FILES
+    for name, (images, labels) in zip(names, splits):  # a damaged label byte: name the file now
+        check_split(images, labels, 10, f"{path}: {name}")
     train_images = np.concatenate([s[0] for s in splits[:5]])
     train_labels = np.concatenate([s[1] for s in splits[:5]])
     names = tuple(meta) if len(meta) == 10 else CIFAR10_CLASSES
@@ -186,44 +254,61 @@ def _unpickle(raw: bytes) -> dict:
 
 def _parse_cifar_py(raw: bytes, name: str):
     batch = _unpickle(raw)
-    images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{name} is not a CIFAR-10 python batch (no data and labels in it)")
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{name}: data of shape {data.shape}, expected (N, 3072)")
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(batch[b"labels"], np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
-# TFDS.
+# The official files without a local copy: a previous download, a prepared TFDS dataset, a download now.
 
 
-def load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
-    """`cifar10` or `mnist` through TFDS (array_record data source, so no TensorFlow is needed)."""
-    import tensorflow_datasets as tfds  # heavy import, only on this path
+def load_official(name: str, data_dir: Optional[str]) -> Dataset:
+    """`cifar10` or `mnist` from a previous download, else a prepared TFDS dataset, else downloaded now."""
+    label, _, offline_help = TFDS_SOURCES[name]
+    folder = download.cached(name, data_dir)
+    if folder is None:
+        prepared = load_prepared_tfds(name, data_dir)
+        if prepared is not None:
+            return prepared
+        # The reader vets each file before it is kept: an unreadable one is never cached.
+        check = read_idx if name == "mnist" else read_cifar10_archive
+        try:
+            folder = download.download(name, data_dir, check)
+        except download.DownloadError as e:
+            raise DataError(f"{label} is not in {download.data_root(data_dir)} and could not be downloaded "
+                            f"({e}); {offline_help}") from None
+    if name == "mnist":
+        return read_mnist_idx(folder)
+    return read_cifar10_archive(folder / download.OFFICIAL["cifar10"][0].name)
 
-    label, host, class_names, offline_help = TFDS_SOURCES[name]
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-    where = data_dir or "~/tensorflow_datasets"
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared() and not _can_reach(host):
-        # Fail at once: TFDS would otherwise retry the download for minutes before giving up.
-        raise DataError(f"{label} is not in {where} and this machine cannot reach {host} "
-                        f"to download it; {offline_help}")
+
+def load_prepared_tfds(name: str, data_dir: Optional[str]) -> Optional[Dataset]:
+    """`name` as prepared by TFDS in the data root (array_record data source: no TensorFlow needed);
+    None when there is none."""
+    root = download.data_root(data_dir)
+    if not (root / name).is_dir():  # TFDS keeps <root>/<name>/<version>/: skip its slow import
+        return None
     try:
-        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=True,
+        import tensorflow_datasets as tfds  # heavy import, only on this path
+    except ImportError:
+        return None
+    with quiet_absl():  # TFDS warns "Variant folder ... has no dataset_info.json" for a half-made folder
+        if not tfds.builder(name, data_dir=str(root), file_format="array_record").is_prepared():
+            return None
+    try:
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=str(root), download=False,
                                    builder_kwargs={"file_format": "array_record"})
-    except Exception as e:  # no network, a half-prepared folder, ...: say what to do instead
+    except Exception as e:  # a half-prepared folder, another file format, ...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"{label} is not in {where} and TFDS could not download it ({reason}); "
-                        f"{offline_help}") from None
+        raise DataError(f"cannot read the TFDS {name} prepared in {root} ({reason}); move it away to "
+                        "download the official files instead") from None
     (train_x, train_y), (test_x, test_y) = [_source_to_arrays(s) for s in sources]
-    return Dataset(train_x, train_y, test_x, test_y, class_names,
-                   source=f"tfds:{name} ({data_dir or 'default dir'})")
-
-
-def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return Dataset(train_x, train_y, test_x, test_y, TFDS_SOURCES[name][1], source=f"tfds:{name} ({root})")
 
 
 def _source_to_arrays(source: Sequence[dict]):
@@ -247,10 +332,12 @@ def _load_mnist(data_dir: Optional[str]) -> Dataset:
         folder = path.parent if path.is_file() else path
         if _find_idx(folder, _MNIST_FILES["test_images"]) or _find_idx(folder, _MNIST_FILES["train_images"]):
             return read_mnist_idx(folder)
+        if is_image_folder(path):
+            raise DataError(f"{data_dir} is an image folder, not the MNIST idx files: use --dataset folder")
         if path.is_file():
             raise DataError(f"{data_dir} is not an MNIST idx file (expected a folder holding "
                             "t10k-images-idx3-ubyte.gz and friends)")
-    return load_tfds("mnist", data_dir)
+    return load_official("mnist", data_dir)
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
@@ -299,7 +386,9 @@ def read_mnist_idx(folder: Path) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{images_path.name} {images.shape} and {labels_path.name} {labels.shape} "
                             "are not a matching image/label pair")
-        return images.astype(np.uint8)[..., None], labels.astype(np.int32)
+        images, labels = images.astype(np.uint8)[..., None], labels.astype(np.int32)
+        check_split(images, labels, len(MNIST_CLASSES), str(labels_path))
+        return images, labels
 
     test = pair("test")
     if test is None:

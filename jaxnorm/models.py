@@ -1,24 +1,30 @@
-"""The seed CNNs, with the norm layer chosen once by name and injected.
+"""The seed CNNs, built from their layer tables in `jaxnorm.networks`, with the norm chosen once by
+name and injected; and the model summary table.
 
-SeedCNN (CIFAR-10), C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10: 3x3 convs (no bias) each followed by
-norm, ReLU and dropout; c3/c6 are 1x1 transitions followed by 2x2 max pooling; c10 is a 1x1 conv to the
-logits.
+SeedCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout; 1x1 transitions
+before 2x2 max pooling; global average pooling and a 1x1 conv to the logits. 34,872 parameters.
 
-MnistNet (MNIST, 10,224 parameters with any norm): convs with bias, each but the last followed by norm,
-ReLU and channel dropout; see the class docstring.
+MnistNet (MNIST): convs with bias, each but the last followed by norm, ReLU and channel dropout (whole
+feature maps dropped). LayerNorm keeps a per-channel scale and bias, so the count is 10,224 for bn, gn
+and ln alike (the seeds' elementwise-affine LayerNorm over C, H and W had 74,284).
+
+Both models take their settings as one `Config` (big_vision's `Model(**config.model)` in spirit), so
+nothing is declared twice; the input statistics belong to the model so it normalises its own input.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnorm import layers
 from jaxnorm.config import Config, ConfigError
+from jaxnorm.networks import Layer, mnist_net, seed_cnn
 
 
 def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.Module]:
@@ -35,133 +41,74 @@ def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.M
     raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
 
 
-class LayerSpec(NamedTuple):
-    """One spatial layer, for receptive-field arithmetic. kernel=None: global pooling over the whole map."""
+class _LayerNet(nn.Module):
+    """Runs `spatial_layers()` in order. Input: uint8 or float NHWC images in [0, 255]; output: logits."""
 
-    name: str
-    kernel: int | None
-    stride: int = 1
-    padding: int = 0
-
-
-class SeedCNN(nn.Module):
-    """The seed network. Input: uint8 or float NHWC images in [0, 255]; output: logits."""
-
-    norm: str = "bn"
-    groups: int = 8
-    width: int = 24
-    transition_width: int = 16
-    dropout: float = 0.05
-    skip: bool = False
-    num_classes: int = 10
-    # Per-channel statistics of the training set, so the model owns its input normalisation.
+    config: Config = Config()
+    # Per-channel statistics of the training set, in [0, 1] units.
     input_mean: Sequence[float] = (0.0, 0.0, 0.0)
     input_std: Sequence[float] = (1.0, 1.0, 1.0)
+    num_classes: int = 10
+    use_bias = False  # the convs' bias (class constants, not fields)
+    channel_dropout = False  # drop whole feature maps instead of single activations
+
+    def spatial_layers(self) -> tuple[Layer, ...]:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = norm_layer(self.norm, train=train, groups=self.groups)
+        c = self.config
+        norm = norm_layer(c.norm, train=train, groups=c.groups)
         x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
-
-        def conv(x, name):  # 3x3 conv -> norm -> ReLU -> dropout, residual where the shapes allow
-            y = layers.Conv(self.width, (3, 3), padding=1, use_bias=False, name=name)(x)
-            y = nn.relu(norm(name=f"{name}_norm")(y))
-            y = nn.Dropout(self.dropout, deterministic=not train)(y)
-            return x + y if self.skip and x.shape[-1] == y.shape[-1] else y
-
-        def transition(x, name):  # 1x1 conv then 2x2 max pool
-            x = layers.Conv(self.transition_width, (1, 1), use_bias=False, name=name)(x)
-            return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-        # Keep this sequence in step with `spatial_layers` below.
-        x = conv(x, "C1")
-        x = conv(x, "C2")
-        x = transition(x, "c3")  # + P1
-        x = conv(x, "C3")
-        x = conv(x, "C4")
-        x = conv(x, "C5")
-        x = transition(x, "c6")  # + P2
-        x = conv(x, "C7")
-        x = conv(x, "C8")
-        x = conv(x, "C9")
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)  # GAP
-        x = layers.Conv(self.num_classes, (1, 1), use_bias=False, name="c10")(x)
-        return x.reshape(x.shape[0], self.num_classes)
-
-    def spatial_layers(self) -> tuple[LayerSpec, ...]:
-        """The layer sequence as (name, kernel, stride, padding), for the receptive-field table."""
-        def conv(name):
-            return LayerSpec(name, 3, 1, 1)
-
-        def one(name):
-            return LayerSpec(name, 1, 1, 0)
-
-        return (conv("C1"), conv("C2"), one("c3"), LayerSpec("P1", 2, 2, 0),
-                conv("C3"), conv("C4"), conv("C5"), one("c6"), LayerSpec("P2", 2, 2, 0),
-                conv("C7"), conv("C8"), conv("C9"), LayerSpec("GAP", None), one("c10"))
+        for layer in self.spatial_layers():
+            if layer.kind in ("block", "conv"):
+                k = layer.kernel
+                y = layers.Conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
+                                name=layer.name)(x)
+                if layer.kind == "block":
+                    y = nn.relu(norm(name=f"{layer.name}_norm")(y))
+                    y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),
+                                   deterministic=not train)(y)
+                    if c.skip and x.shape == y.shape:
+                        y = x + y
+                x = y
+            elif layer.kind == "max_pool":
+                x = nn.max_pool(x, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride))
+            elif layer.kind == "avg_pool":
+                x = jnp.mean(x, axis=(1, 2), keepdims=True)
+            else:
+                raise ValueError(f"unknown layer kind {layer.kind!r}")
+        return x.reshape(x.shape[0], -1)
 
 
-class MnistNet(nn.Module):
-    """The seeds' 10,224-parameter MNIST network. Input: (N, 28, 28, 1) in [0, 255]; output: logits.
+class SeedCNN(_LayerNet):
+    """The seed network (CIFAR-10); widths from `config.width` and `config.transition_width`."""
 
-    28x28: conv 1->10 3x3, conv 10->16 3x3, max pool 2, conv 16->8 1x1
-    14x14: conv 8->16 3x3, conv 16->16 3x3, conv 16->16 3x3, max pool 2, conv 16->8 1x1
-    7x7:   conv 8->10 3x3 valid (->5x5), conv 10->16 3x3 valid (->3x3), conv 16->10 1x1, avg pool 3
+    def spatial_layers(self) -> tuple[Layer, ...]:
+        return seed_cnn(self.config.width, self.config.transition_width, self.num_classes)
 
-    Every conv has a bias and all but the last are followed by norm, ReLU and channel dropout (whole
-    feature maps dropped). LayerNorm keeps a per-channel scale and bias, so the count is 10,224 for bn,
-    gn and ln alike (the seeds' elementwise-affine LayerNorm over C, H and W had 74,284).
-    """
 
-    norm: str = "bn"
-    groups: int = 2
-    dropout: float = 0.05
-    num_classes: int = 10
+class MnistNet(_LayerNet):
+    """The seeds' 10,224-parameter MNIST network. Input: (N, 28, 28, 1) in [0, 255]."""
+
     input_mean: Sequence[float] = (0.0,)
     input_std: Sequence[float] = (1.0,)
+    use_bias = True
+    channel_dropout = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = norm_layer(self.norm, train=train, groups=self.groups)
-        x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
-
-        def block(x, features, kernel, name, padding=0):  # conv -> norm -> ReLU -> channel dropout
-            x = layers.Conv(features, (kernel, kernel), padding=padding, name=name)(x)
-            x = nn.relu(norm(name=f"{name}_norm")(x))
-            return nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
-
-        x = block(x, 10, 3, "conv1", padding=1)
-        x = block(x, 16, 3, "conv2", padding=1)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(x, 8, 1, "conv3")
-        x = block(x, 16, 3, "conv4", padding=1)
-        x = block(x, 16, 3, "conv5", padding=1)
-        x = block(x, 16, 3, "conv6", padding=1)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(x, 8, 1, "conv7")
-        x = block(x, 10, 3, "conv8")  # 7 -> 5
-        x = block(x, 16, 3, "conv9")  # 5 -> 3
-        x = layers.Conv(self.num_classes, (1, 1), name="conv10")(x)
-        return jnp.mean(x, axis=(1, 2))  # average pool 3 -> (N, num_classes)
-
-    def spatial_layers(self) -> tuple[LayerSpec, ...]:
-        """The layer sequence as (name, kernel, stride, padding), for the receptive-field table."""
-        return (LayerSpec("conv1", 3, 1, 1), LayerSpec("conv2", 3, 1, 1), LayerSpec("pool1", 2, 2),
-                LayerSpec("conv3", 1), LayerSpec("conv4", 3, 1, 1), LayerSpec("conv5", 3, 1, 1),
-                LayerSpec("conv6", 3, 1, 1), LayerSpec("pool2", 2, 2), LayerSpec("conv7", 1),
-                LayerSpec("conv8", 3), LayerSpec("conv9", 3), LayerSpec("conv10", 1), LayerSpec("avgpool", None))
+    def spatial_layers(self) -> tuple[Layer, ...]:
+        return mnist_net(self.num_classes)
 
 
-def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0)) -> nn.Module:
+def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0), *,
+                num_classes: int = 10) -> nn.Module:
     """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`
-    are the training set's per-channel statistics, in [0, 1] units."""
+    are the training set's per-channel statistics, in [0, 1] units; `num_classes` the width of the last
+    1x1 conv (an image folder's class count)."""
     config.validate()
     if config.dataset == "mnist":
-        return MnistNet(norm=config.norm, groups=config.groups, dropout=config.dropout,
-                        input_mean=tuple(input_mean)[:1], input_std=tuple(input_std)[:1])
-    return SeedCNN(norm=config.norm, groups=config.groups, width=config.width,
-                   transition_width=config.transition_width, dropout=config.dropout, skip=config.skip,
-                   input_mean=tuple(input_mean), input_std=tuple(input_std))
+        return MnistNet(config, tuple(input_mean)[:1], tuple(input_std)[:1], num_classes)
+    return SeedCNN(config, tuple(input_mean), tuple(input_std), num_classes)
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
@@ -170,7 +117,7 @@ def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) 
 
 
 def count_params(params) -> int:
-    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
 def l1_penalty(params) -> jax.Array:
@@ -178,3 +125,46 @@ def l1_penalty(params) -> jax.Array:
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return sum((jnp.sum(jnp.abs(w)) for path, w in leaves if getattr(path[-1], "key", None) == "kernel"),
                jnp.zeros((), jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary table, from the model itself (shapes only: nothing is computed).
+
+
+def summary_rows(model: nn.Module, image_shape: Sequence[int]) -> list[dict]:
+    """One row per top-level module with parameters, in call order: name, type, output shape, parameters."""
+    calls = []  # (name, type) of each top-level submodule call, in order
+
+    def record(module, method):
+        top = method == "__call__" and len(module.path) == 1
+        if top:
+            calls.append((module.name, type(module).__name__))
+        return top
+
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    _, captured = jax.eval_shape(lambda v: model.apply(v, x, train=False, capture_intermediates=record,
+                                                       mutable=["intermediates"]), variables)
+    params, outputs = variables["params"], captured["intermediates"]
+    rows = []
+    for name, kind in calls:
+        if name not in params:
+            continue  # dropout and other parameter-free modules
+        shape = jax.tree_util.tree_leaves(outputs[name]["__call__"])[0].shape
+        rows.append({"layer": name, "type": kind, "output_shape": [-1, *shape[1:]],
+                     "params": count_params(params[name])})
+    return rows
+
+
+def model_summary(model: nn.Module, image_shape: Sequence[int]) -> str:
+    """A torchsummary-like table (layer, type, output shape, parameters) from the model itself."""
+    rows = summary_rows(model, image_shape)
+    lines = [f"{'layer':<10} {'type':<10} {'output shape':<20} {'params':>8}", "-" * 51]
+    lines += [f"{r['layer']:<10} {r['type']:<10} {str(r['output_shape']):<20} {r['params']:>8,}" for r in rows]
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
+                                                  train=False))
+    stats = count_params(variables.get("batch_stats", {}))
+    lines += ["-" * 51, f"{'total trainable parameters':<41} {sum(r['params'] for r in rows):>9,}"]
+    if stats:
+        lines.append(f"{'BatchNorm running statistics (not trained)':<41} {stats:>9,}")
+    return "\n".join(lines)

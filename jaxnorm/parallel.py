@@ -48,6 +48,10 @@ def devices_for_batch(batch_size: int) -> int:
     n = jax.device_count()
     if jax.default_backend() == "cpu":
         return max(d for d in range(1, n + 1) if batch_size % d == 0)
+    if batch_size < n:  # a batch of 2 on 4 GPUs: say what to do, not just what is wrong
+        raise ConfigError(f"a batch of {batch_size} cannot be split over the {n} devices in use (one image "
+                          f"each at least): use a larger batch or at most {batch_size} devices "
+                          "(e.g. CUDA_VISIBLE_DEVICES=0)")
     if batch_size % n:
         raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
                           f"{n} devices in use")
@@ -65,3 +69,12 @@ def data_sharded(mesh) -> NamedSharding:
 def put_replicated(array: np.ndarray, mesh) -> jax.Array:
     """A host array copied to every device (the same array on every host of a multi-host job)."""
     return jax.device_put(array, replicated(mesh))
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (a tiny all-gather; every process must call it at the
+    same point). One process: `value` itself, with no communication."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints
-from jaxnorm.config import Config, ConfigError
+from jaxnorm.config import IDENTITY, NORM_NAMES, RECIPE, Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
-from jaxnorm.report import _quiet_absl, format_mean_std, plot_curves
+from jaxnorm.figures import plot_curves
+from jaxnorm.train import train_and_evaluate
+from jaxnorm.utils import quiet_absl
 
 BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
-NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
-# Fields a reused run must share with the study's config (seed and norm are in the folder name).
-STUDY_IDENTITY = ("norm", "seed", "groups", "width", "transition_width", "skip", "dataset", "batch_size",
-                  "lr", "lr_step_epochs", "lr_gamma", "weight_decay", "dropout", "crop", "label_smoothing",
-                  "l1", "train_split")
+# A reused run must share every field that shapes its result with the study's config; more epochs
+# than it has are trained on top of it.
+STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f != "epochs")
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
@@ -38,6 +40,8 @@ def describe_data(name: str, dataset: Dataset) -> str:
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
     if name == "synthetic":
         return f"**synthetic data** (smoke test, {text}): not a result"
+    if name not in TFDS_SOURCES:  # an image folder
+        return f"image folder ({text})"
     title = TFDS_SOURCES[name][0]  # "CIFAR-10", "MNIST"
     if n != BENCHMARK_TRAIN_SIZE[name]:
         return (f"**{n:,}-image {title} subset, not {title}** ({text}): accuracies here are not "
@@ -45,22 +49,29 @@ def describe_data(name: str, dataset: Dataset) -> str:
     return f"{title} ({text})"
 
 
-def run_history(workdir: Path) -> list[dict]:
-    path = Path(workdir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], percent: bool = True) -> str:
+    m, s = mean_std(values)
+    if percent:
+        return f"{m:.2%} ± {s:.2%}" if len(values) > 1 else f"{m:.2%}"
+    return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
 def finished_epochs(workdir: Path, config: Config) -> int:
     """Epochs already trained in `workdir` (0 if none), after checking the run is `config`'s."""
     if not (Path(workdir) / "ckpt").is_dir():
         return 0
-    with _quiet_absl():
+    with quiet_absl():
         checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
-        latest = checkpoints.latest_step()
-        if latest is None:
+        if checkpoints.latest_step() is None:
             return 0
-        meta = checkpoints.restore_meta(latest)
+        _, meta = checkpoints.readable_meta()  # past unreadable checkpoints, with a warning
     finally:
         checkpoints.close()
     saved = Config.from_dict(meta.get("config", {}))
@@ -69,6 +80,18 @@ def finished_epochs(workdir: Path, config: Config) -> int:
     if diffs:
         raise ConfigError(f"{workdir} holds another run ({', '.join(diffs)}): move it or pass another --runs")
     return len(meta.get("history", []))
+
+
+def train_or_reuse(config: Config, workdir: Path, dataset: Dataset, *, progress: bool = True) -> bool:
+    """Reuse a finished run in `workdir` (config.epochs trained), else train it, resuming whatever is
+    there (also a Ctrl-C checkpoint). Returns whether it trained."""
+    done = finished_epochs(workdir, config)
+    if done >= config.epochs:
+        print(f"{workdir}: finished ({done} epochs), reused")
+        return False
+    print(f"{workdir}: training {config.norm} seed {config.seed}" + (f" (resuming at epoch {done})" if done else ""))
+    train_and_evaluate(config, workdir, resume=True, dataset=dataset, progress=progress)
+    return True
 
 
 def study_rows(records: dict[str, list[dict]]) -> list[dict]:

@@ -52,7 +52,9 @@ def bench_norm(norm, args):
     from jaxnorm import parallel
     from jaxnorm.data import synthetic_dataset
     from jaxnorm.models import build_model
-    from jaxnorm.train import create_train_state, make_epoch_order, make_predict, make_train_step
+    from jaxnorm.evaluate import make_predict
+    from jaxnorm.state import create_train_state
+    from jaxnorm.train import make_epoch_order, make_train_step
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic").validate()
     data = synthetic_dataset(args.epoch_images, 10_000)
@@ -81,7 +83,7 @@ def bench_norm(norm, args):
 
     predict = make_predict(mesh, config.eval_batch_size)
     predict(state, data.test_images[:config.eval_batch_size])  # compile
-    eval_s = timed(lambda: predict(state, data.test_images), max(1, args.repeats // 2))
+    eval_s = timed(lambda: predict(state, data.test_images).block_until_ready(), max(1, args.repeats // 2))
 
     # One epoch through the training loop's pattern: dispatch every step, sync for the bar every 10.
     def epoch():

@@ -4,17 +4,19 @@
     python scripts/evaluate.py --workdir checkpoints/bn --step 3910   # another checkpoint
     python scripts/evaluate.py --workdir checkpoints/gn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz
 
-Writes evaluation.json, misclassified.png and curves.png into the run folder. Checkpoints written on a
-GPU, a TPU or several devices restore on one CPU.
+Writes evaluation.json, misclassified.png and curves.png (the run's whole history) into the run
+folder. Checkpoints written on a GPU, a TPU or several devices restore on one CPU.
 """
 
-import argparse
+from pathlib import Path
 
 from jaxnorm.cli import OneLineParser, run_main
+from jaxnorm.evaluate import dataset_for_run, format_metrics, restore_run, write_run_report
+from jaxnorm.runlock import RunLock
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--workdir", required=True, help="the run folder (holding ckpt/)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the best by test accuracy)")
     p.add_argument("--data-dir", help="where the data is, if not where the run was trained from")
@@ -31,17 +33,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from jaxnorm.report import dataset_for_run, format_metrics, restore_run, write_run_report
-
-    run = restore_run(args.workdir, args.step)
-    dataset = dataset_for_run(run, args.data_dir)
-    record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
+    if not Path(args.workdir).is_dir():  # a reader: never create the folder (restore_run says what is wrong)
+        restore_run(args.workdir, args.step)
+    with RunLock(args.workdir):  # it writes into the run folder: not while a training run does
+        run = restore_run(args.workdir, args.step)
+        dataset = dataset_for_run(run, args.data_dir)
+        record = write_run_report(run, dataset, rows=args.rows, cols=args.cols, count=args.count)
     print(f"{args.workdir}: {run.config.norm}, {record['num_params']:,} parameters, step {run.step} "
-          f"(epoch {record['epoch']}), data {dataset.source}")
+          f"(epoch {record['epoch']} of {len(run.history)}), data {dataset.source}")
     for split in ("train", "test"):
         m = record[split]
         print(f"{split:5s} accuracy {m['accuracy']:.2%}  loss {m['loss']:.4f}  ({m['count']} images)")
-    print("\ntest set, " + format_metrics(record["test"], dataset.class_names))
+    print("\n" + format_metrics(record["test"], dataset.class_names, title="test set"))
     print(f"\nwrote evaluation.json, misclassified.png{', curves.png' if run.history else ''} in {args.workdir}")
 
 

@@ -22,6 +22,20 @@ from jaxnorm.data import synthetic_dataset  # noqa: E402
 jaxnorm.setup_cpu_devices()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: slow fault-injection tests (run with -m faults; .ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave the `faults` tests out unless a -m expression asks for them (kept out of the quick suite)."""
+    if config.option.markexpr:
+        return
+    kept = [item for item in items if "faults" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "faults" in item.keywords])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def tiny_data():
     """64 train / 32 test synthetic 16x16 RGB images: enough to learn from in a few steps."""
@@ -35,9 +49,21 @@ def tiny_config():
                   lr=0.05, dropout=0.0, eval_batch_size=32)
 
 
-def run_script(name, *args, timeout=300):
-    """Run scripts/<name> in a subprocess; returns CompletedProcess with text output."""
+@pytest.fixture
+def offline(monkeypatch):
+    """Downloads go to a closed port on 127.0.0.1 (refused at once), as on a machine without network."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setenv("JAXNORM_CIFAR10_URL", url + "cifar-10-binary.tar.gz")
+    monkeypatch.setenv("JAXNORM_MNIST_URL", url)
+    return url
+
+
+def run_script(name, *args, timeout=300, env=None):
+    """Run scripts/<name> in a subprocess (`env`: variables to add); returns CompletedProcess with text output."""
     import subprocess
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

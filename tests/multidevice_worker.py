@@ -17,8 +17,10 @@ from jaxnorm import parallel
 from jaxnorm.checkpoint import RunCheckpoints, abstract_like
 from jaxnorm.config import Config
 from jaxnorm.data import synthetic_dataset
+from jaxnorm.evaluate import make_predict
 from jaxnorm.models import build_model
-from jaxnorm.train import create_train_state, make_predict, make_train_step, train_and_evaluate
+from jaxnorm.state import create_train_state
+from jaxnorm.train import make_train_step, train_and_evaluate
 
 NORMS = ("bn", "gn", "ln")
 DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))

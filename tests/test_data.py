@@ -62,10 +62,8 @@ def test_missing_path_and_foreign_file_are_clear_errors(tmp_path):
         load_dataset("cifar10", str(junk))
 
 
-def test_offline_tfds_without_local_copy_says_what_to_do(tmp_path, monkeypatch):
-    import jaxnorm.data as data
-    monkeypatch.setattr(data, "_can_reach", lambda host, **kw: False)
-    with pytest.raises(DataError, match="--data-dir"):
+def test_offline_without_local_copy_says_what_to_do(tmp_path, offline):
+    with pytest.raises(DataError, match="could not be downloaded .*no network.*--data-dir"):
         load_dataset("cifar10", str(tmp_path))
 
 
@@ -91,4 +89,11 @@ def test_crop_shifts_images_within_the_padding():
     images = np.random.default_rng(0).integers(0, 255, (32, 8, 8, 3)).astype(np.uint8)
     out = np.asarray(augment(images, jax.random.PRNGKey(3), flip=False, crop_padding=2))
     assert out.shape == images.shape and out.dtype == images.dtype
-    assert any(not np.array_equal(o, i) for o, i in zip(out, images))
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    shifts = []
+    for o, p in zip(out, padded):  # each output is the padded image seen through an 8x8 window at (dy, dx)
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(o, p[dy:dy + 8, dx:dx + 8])]
+        assert found, "an output is not a crop within the 2-pixel padding"
+        shifts.append(found[0])
+    # Every offset of the bound is drawn (key 3, 32 images), not one shift for all.
+    assert {dy for dy, _ in shifts} == {dx for _, dx in shifts} == set(range(5))

@@ -13,7 +13,8 @@ from jaxnorm import parallel
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import DataError, load_dataset, read_idx, split_train_test, synthetic_dataset
 from jaxnorm.models import MnistNet, build_model, count_params, init_variables, l1_penalty
-from jaxnorm.train import create_train_state, make_train_step, train_and_evaluate
+from jaxnorm.state import create_train_state
+from jaxnorm.train import make_train_step, train_and_evaluate
 
 MNIST_DIR = SHARED_DATA / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -40,7 +41,7 @@ def test_mnist_defaults_and_group_check_cover_every_normalised_width():
 
 
 def test_channel_dropout_drops_whole_feature_maps():
-    model = MnistNet(norm="gn", dropout=0.5)
+    model = MnistNet(Config.for_dataset("mnist", norm="gn", dropout=0.5))
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1), maxval=255)
 
     @jax.jit
@@ -58,7 +59,7 @@ def test_channel_dropout_drops_whole_feature_maps():
 
 
 def test_l1_penalty_is_the_sum_of_absolute_conv_kernels():
-    model = MnistNet(norm="bn")
+    model = MnistNet(Config.for_dataset("mnist"))
     params = init_variables(model, (28, 28, 1))["params"]
     direct = sum(np.abs(np.asarray(layer["kernel"])).sum() for name, layer in params.items()
                  if not name.endswith("_norm"))
@@ -142,8 +143,6 @@ def test_idx_folder_gz_or_not_and_train_split_sizes(tmp_path):
         load_dataset("mnist", str(tmp_path / "bad"))
 
 
-def test_offline_tfds_mnist_without_local_copy_says_what_to_do(tmp_path, monkeypatch):
-    import jaxnorm.data as data
-    monkeypatch.setattr(data, "_can_reach", lambda host, **kw: False)
-    with pytest.raises(DataError, match="MNIST is not in .*idx files.*--data-dir"):
+def test_offline_mnist_without_local_copy_says_what_to_do(tmp_path, offline):
+    with pytest.raises(DataError, match="MNIST is not in .*no network.*idx files.*--data-dir"):
         load_dataset("mnist", str(tmp_path))

@@ -3,13 +3,16 @@ import json
 import jax
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from conftest import run_script
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import Config
-from jaxnorm.models import build_model, count_params
-from jaxnorm.report import (choose_misclassified, classification_metrics, evaluate_run, misclassified_grid,
-                            model_summary, receptive_field, restore_run, write_run_report)
+from jaxnorm.evaluate import (choose_misclassified, classification_metrics, evaluate_run, format_metrics,
+                              restore_run, write_run_report)
+from jaxnorm.figures import misclassified_grid, plot_curves
+from jaxnorm.models import build_model, count_params, model_summary
+from jaxnorm.networks import receptive_field
 from jaxnorm.train import train_and_evaluate
 
 
@@ -63,7 +66,8 @@ def test_grid_shows_only_misclassified_images_with_their_annotations(tmp_path):
     labels = np.array([0, 1, 2, 0, 1, 2])
     logits = np.log(np.array([[.8, .1, .1], [.7, .2, .1], [.1, .1, .8], [.2, .2, .6], [.1, .9, 0.0001],
                               [.3, .5, .2]]))
-    chosen = misclassified_grid(images, labels, logits, ["a", "b", "c"], tmp_path / "grid.png", rows=2, cols=2)
+    chosen = choose_misclassified(logits, labels, 4)
+    misclassified_grid(images, chosen, ["a", "b", "c"], tmp_path / "grid.png", rows=2, cols=2)
     assert [c["index"] for c in chosen] == [1, 3, 5]
     assert [(c["true"], c["predicted"]) for c in chosen] == [(1, 0), (0, 2), (2, 1)]
     assert [c["probability"] for c in chosen] == pytest.approx([0.7, 0.6, 0.5])
@@ -110,7 +114,11 @@ def test_restore_of_a_folder_without_checkpoints_is_a_checkpoint_error(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoints"):
         restore_run(tmp_path)
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(CheckpointError, match="no checkpoints yet"):
+    with pytest.raises(CheckpointError, match=r"no checkpoints \(ckpt/ is empty\)"):
+        restore_run(tmp_path)
+    # A half-written first save: the same message as every other reader of the folder (checkpoint.py's).
+    (tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-1763690000000000" / "state").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds only a half-written checkpoint"):
         restore_run(tmp_path)
 
 
@@ -157,3 +165,61 @@ def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
     _, state = model.apply(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))), jnp.zeros((1, 28, 28, 1)),
                            capture_intermediates=lambda mdl, _: mdl.name == "conv9", mutable=["intermediates"])
     assert state["intermediates"]["conv9"]["__call__"][0].shape[1:3] == (3, 3)
+
+
+def test_report_of_an_earlier_checkpoint_keeps_the_whole_history(trained_run, tmp_path):
+    workdir, data, result = trained_run
+    copy = tmp_path / "run"
+    import shutil
+    shutil.copytree(workdir, copy)
+    run = restore_run(copy, step=4)  # epoch 1 of 2: its own saved history stops there
+    assert run.epoch == 1 and [h["epoch"] for h in run.history] == [1, 2]
+    record = write_run_report(run, data)
+    saved = json.loads((copy / "evaluation.json").read_text())
+    assert saved["epoch"] == record["epoch"] == 1
+    assert [h["test_accuracy"] for h in saved["history"]] == [h["test_accuracy"] for h in result["history"]]
+
+
+def test_per_class_table_header_sits_over_its_columns():
+    metrics = classification_metrics(np.eye(3)[[0, 1, 1, 2]] * 5, np.array([0, 1, 2, 2]), 3)
+    lines = format_metrics(metrics, ["airplane", "b", "c"]).splitlines()
+    assert lines[0] == "test set:"
+    header, row = lines[1], lines[2]
+    # Right-aligned columns: each header word ends where its values end.
+    assert header.index("accuracy") + len("accuracy") == row.index("100.00%") + len("100.00%")
+    assert len(header) == len(row)  # "count" ends over the counts
+    matrix_header, matrix_row = lines[7], lines[8]
+    assert len(matrix_header) == len(matrix_row) and matrix_header.endswith("2")
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 2), (2, 3)])
+def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path):
+    images = np.zeros((rows * cols, 32, 32, 3), np.uint8)
+    chosen = [{"index": i, "true": 0, "predicted": 1, "probability": 0.5} for i in range(rows * cols)]
+    title = "GroupNorm (8 groups) | 34,872 parameters\ntest accuracy 61.00% (step 780)"
+    fig = misclassified_grid(images, chosen, ["automobile", "airplane"], tmp_path / "g.png", rows=rows, cols=cols,
+                             title=title)
+    renderer = FigureCanvasAgg(fig).get_renderer()  # positions as laid out when saved
+    width = fig.get_figwidth() * fig.dpi
+    box = fig._suptitle.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= width  # not cut on either side
+    axes = np.asarray(fig.axes).reshape(rows, cols)
+    for r in range(1, rows):
+        for c in range(cols):
+            label = axes[r, c].title.get_window_extent(renderer)
+            above = [axes[r - 1, k].get_window_extent(renderer) for k in range(cols)]
+            assert not any(_overlap(label, a) for a in above), (r, c)
+
+
+def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
+    history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
+    fig = plot_curves({"bn": [history]}, tmp_path / "c.png")
+    ax_acc = fig.axes[1]
+    lines = {line.get_label(): line for line in ax_acc.get_lines()}
+    assert lines["bn train"].get_ydata()[0] == pytest.approx(40.0) and "%" in ax_acc.get_ylabel()
+    # One epoch: one point each, so the markers themselves must differ.
+    assert lines["bn train"].get_fillstyle() != lines["bn test"].get_fillstyle()

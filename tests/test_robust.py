@@ -190,8 +190,8 @@ def test_a_complete_run_folder_passes_the_reader_checks(one_epoch_run):
 # main() and run_main, exactly what the command line runs.
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+def _load_script(name="train.py"):
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_script", ROOT / "scripts" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -219,6 +219,9 @@ def _not_an_archive(tmp_path):
     (["--norm", "xn"], "invalid choice: 'xn'"),
     (["--norm", "gn", "--groups", "0"], "--groups must be positive"),
     (["--norm", "gn", "--groups", "7"], "--groups 7 does not divide the 24 channels"),
+    (["--dataset", "mnist", "--norm", "gn", "--groups", "4"], "--groups 4 does not divide the 10 channels"),
+    (["--width", "0"], "--width must be positive, got 0"),
+    (["--l1", "-1"], "--l1 must be >= 0"),
     (["--epochs", "-2"], "--epochs must be positive"),
     (["--lr", "0"], "--lr must be positive"),
     (["--batch-size", "-16"], "--batch-size must be positive"),
@@ -264,6 +267,26 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_note(straight, tiny_dat
     out = capsys.readouterr().out
     assert "note: " in out and "holds no checkpoint yet: starting a new run" in out
     assert without_timing(result["history"]) == without_timing(reference["history"][:1])
+
+
+def test_resume_prints_no_second_model_table(straight, tiny_data, one_epoch, capsys):
+    config, _ = straight
+    train_and_evaluate(config.replace(epochs=2), one_epoch, resume=True, dataset=tiny_data, progress=False)
+    out = capsys.readouterr().out
+    assert "resumed" in out and "total trainable parameters" not in out
+
+
+def test_an_interrupted_study_exits_like_train(tmp_path, monkeypatch, capsys):
+    signal_at_step(monkeypatch, signal.SIGINT, at_call=2)  # 8 steps per epoch: mid-epoch
+    study = _load_script("study.py")
+    args = ["--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--norms", "bn", "--preset", "narrow",
+            "--batch-size", "64", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: study.main(args), resume_with="python scripts/study.py ...")
+    err = capsys.readouterr().err
+    assert info.value.code == 128 + signal.SIGINT, err
+    assert "interrupted: SIGINT at epoch 1, step 2" in err and "resume with: python scripts/study.py" in err
+    assert RunCheckpoints(tmp_path / "runs" / "bn-s0", read_only=True).all_steps() == [2]
 
 
 def test_resume_with_another_batch_size_is_refused(straight, tiny_data, one_epoch):

@@ -6,8 +6,9 @@ from jaxnorm import parallel
 from jaxnorm.checkpoint import RunCheckpoints, abstract_like
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.models import build_model
-from jaxnorm.train import (TrainingError, create_train_state, learning_rate_schedule, logit_metrics, make_epoch_order,
-                           make_predict, make_train_step, train_and_evaluate)
+from jaxnorm.evaluate import logit_metrics, make_predict
+from jaxnorm.state import create_train_state, learning_rate_schedule
+from jaxnorm.train import TrainingError, make_epoch_order, make_train_step, train_and_evaluate
 
 
 def _setup(config, data):

@@ -7,7 +7,8 @@ import numpy as np
 
 from jaxnorm import parallel
 from jaxnorm.models import build_model
-from jaxnorm.train import create_train_state, make_epoch_order, make_train_epoch, make_train_step
+from jaxnorm.state import create_train_state
+from jaxnorm.train import make_epoch_order, make_train_epoch, make_train_step
 
 
 def test_epoch_loop_matches_step_loop_including_a_resumed_epoch(tiny_data, tiny_config):

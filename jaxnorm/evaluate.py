@@ -1,0 +1,262 @@
+"""Evaluation: predict and metrics on the device, restoring a run from its folder, and its report files.
+
+    from jaxnorm.evaluate import restore_run, dataset_for_run, write_run_report
+    run = restore_run("checkpoints/bn")                 # best checkpoint, model rebuilt from its config
+    record = write_run_report(run, dataset_for_run(run))  # evaluation.json, misclassified.png, curves.png
+
+Everything here is measured from a checkpoint or computed from the model; nothing is typed by hand.
+Training uses `make_predict` and `logit_metrics` for its per-epoch test figures, so both report the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnorm import parallel
+from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like
+from jaxnorm.config import NORM_NAMES, Config
+from jaxnorm.data import Dataset, DataError, first_train_images, load_dataset
+from jaxnorm.figures import misclassified_grid, plot_curves
+from jaxnorm.models import build_model
+from jaxnorm.state import create_train_state
+from jaxnorm.utils import quiet_absl, write_json
+
+# ----------------------------------------------------------------------------------------------
+# Predictions and metrics, computed on the device.
+
+
+def make_predict(mesh, batch_size: int):
+    """predict(state, images) -> float32 logits for every image (uint8 host or device array), as one
+    array replicated over the mesh (every host can read all of it)."""
+    batch_size = math.ceil(batch_size / mesh.devices.size) * mesh.devices.size
+    rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def logits_of(state, x):
+        x = jax.lax.with_sharding_constraint(x, shard)
+        return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+
+    def predict(state, images) -> jax.Array:
+        n = len(images)
+        padded = np.zeros((math.ceil(n / batch_size) * batch_size, *images.shape[1:]), images.dtype)
+        padded[:n] = np.asarray(images)
+        chunks = [logits_of(state, jax.device_put(padded[i:i + batch_size], shard))
+                  for i in range(0, len(padded), batch_size)]
+        return jnp.concatenate(chunks)[:n]
+
+    return predict
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _per_example(logits, labels, num_classes: int) -> dict:
+    """The one log-softmax: per-example loss, prediction and its probability; the confusion matrix."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    predicted = jnp.argmax(log_probs, -1)
+    return {"loss": -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0],
+            "predicted": predicted, "correct": predicted == labels, "probability": jnp.exp(jnp.max(log_probs, -1)),
+            "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predicted].add(1)}
+
+
+def _on_device(logits, labels, num_classes: Optional[int] = None) -> dict:
+    logits = jnp.asarray(logits)
+    # Labels go where the logits are (replicated over the mesh), so this also runs on several hosts.
+    labels = jax.device_put(np.asarray(labels, np.int32), logits.sharding)
+    return _per_example(logits, labels, num_classes or logits.shape[-1])
+
+
+def logit_metrics(logits, labels) -> dict:
+    """Mean cross-entropy and accuracy of `logits` against `labels`."""
+    m = _on_device(logits, labels)
+    return {"loss": float(jnp.mean(m["loss"])), "accuracy": float(jnp.mean(m["correct"]))}
+
+
+def classification_metrics(logits, labels, num_classes: int) -> dict:
+    """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+    m = _on_device(logits, labels, num_classes)
+    confusion = np.asarray(m["confusion"], np.int64)
+    totals = confusion.sum(1)
+    per_class = np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
+    return {"loss": float(jnp.mean(m["loss"])), "accuracy": float(jnp.mean(m["correct"])),
+            "count": int(len(labels)),
+            "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
+            "confusion_matrix": confusion.tolist()}
+
+
+def choose_misclassified(logits, labels, count: int) -> list[dict]:
+    """The first `count` misclassified images, in dataset order: index, true, predicted, probability."""
+    m = jax.device_get(_on_device(logits, labels))
+    labels = np.asarray(labels)
+    wrong = np.flatnonzero(m["predicted"] != labels)[:count]
+    return [{"index": int(i), "true": int(labels[i]), "predicted": int(m["predicted"][i]),
+             "probability": float(m["probability"][i])} for i in wrong]
+
+
+def summarize(history: list[dict], num_params: int) -> dict:
+    """Final and best accuracies of a run's history (the line train.py prints at the end)."""
+    if not history:
+        return {"num_params": num_params, "epochs": 0}
+    last = history[-1]
+    return {"num_params": num_params, "epochs": len(history),
+            "final_train_accuracy": last["train_accuracy"], "final_test_accuracy": last["test_accuracy"],
+            "best_train_accuracy": max(h["train_accuracy"] for h in history),
+            "best_test_accuracy": max(h["test_accuracy"] for h in history),
+            "best_test_epoch": max(history, key=lambda h: h["test_accuracy"])["epoch"],
+            "seconds": sum(h["seconds"] for h in history)}
+
+
+def format_summary(norm: str, s: dict) -> str:
+    if not s.get("epochs"):
+        return f"{norm}: {s['num_params']:,} parameters, no epochs trained"
+    return (f"{norm}: {s['num_params']:,} parameters | final train {s['final_train_accuracy']:.2%} "
+            f"test {s['final_test_accuracy']:.2%} | best train {s['best_train_accuracy']:.2%} "
+            f"test {s['best_test_accuracy']:.2%} (epoch {s['best_test_epoch']})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Restoring a run for evaluation.
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    workdir: Path
+    step: int
+    config: Config
+    meta: dict  # the checkpoint's JSON record: config, input statistics, class names, history, ...
+    model: nn.Module
+    state: Any  # TrainState on the current devices
+    mesh: Any
+    history: list[dict]  # the whole run's epochs (from the latest checkpoint), whichever step is restored
+
+    @property
+    def epoch(self) -> int:
+        """The epochs the restored checkpoint had trained."""
+        return len(self.meta["history"])
+
+
+def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
+    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest; an unreadable
+    one is skipped with a warning for the newest readable one, while an unreadable `step` is an error).
+
+    The model is rebuilt from the config saved in the checkpoint, and the state restored onto the
+    devices of this process (one CPU is fine) through an abstract target, whatever wrote it.
+    """
+    with quiet_absl():  # Orbax warns on every read-only manager; the user asked for nothing wrong
+        checkpoints = RunCheckpoints(workdir, read_only=True)
+    try:
+        checkpoints.require_latest_step()  # the one message for empty or half-written folders
+        mesh = parallel.make_mesh()
+
+        def target(meta):  # the restore target, from the checkpoint's own record
+            if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
+                raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm (no config in them)")
+            config, model = Config.from_dict(meta["config"]), _model_of(meta)
+            # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
+            shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
+                                                               steps_per_epoch=1))
+            return abstract_like(shapes, parallel.replicated(mesh))
+
+        if step is not None:
+            state, meta = checkpoints.restore(step, target(checkpoints.restore_meta(step)))
+        else:
+            step, state, meta = checkpoints.restore_readable(target, prefer=checkpoints.best_step())
+        _, newest = checkpoints.readable_meta()  # the whole run's history, whichever step is restored
+    finally:
+        checkpoints.close()
+    return RestoredRun(Path(workdir), int(step), Config.from_dict(meta["config"]), meta, _model_of(meta), state,
+                       mesh, newest["history"])
+
+
+def _model_of(meta: dict) -> nn.Module:
+    return build_model(Config.from_dict(meta["config"]), meta["input_mean"], meta["input_std"],
+                       num_classes=len(meta.get("class_names", range(10))))
+
+
+def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset:
+    """The run's dataset (from its saved config, or `data_dir`), checked against what it was trained on."""
+    recorded = run.config.data_dir
+    if data_dir is None and recorded and not Path(recorded).expanduser().exists():
+        where = Path(recorded).expanduser().absolute()
+        note = "" if Path(recorded).is_absolute() else f" (the run recorded the relative path {recorded})"
+        raise DataError(f"the data {run.workdir} was trained on is not at {where}{note}: pass --data-dir PATH "
+                        "to where it is now")
+    with quiet_absl():
+        dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir,
+                               train_split=run.config.train_split)
+    dataset = first_train_images(dataset, run.config.train_images)
+    if tuple(dataset.image_shape) != tuple(run.meta["image_shape"]):
+        raise DataError(f"the data has images of shape {dataset.image_shape} but the run was trained on "
+                        f"{tuple(run.meta['image_shape'])}")
+    if list(dataset.class_names) != list(run.meta.get("class_names", dataset.class_names)):
+        raise DataError("the data's class names differ from the run's: wrong --data-dir?")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# The report files of one run.
+
+
+def evaluate_run(run: RestoredRun, dataset: Dataset) -> dict:
+    """Metrics on the whole train and test sets (evaluation mode: no augmentation or dropout).
+
+    Returns {'train': metrics, 'test': metrics, 'test_logits': array}; the logits are for the grid.
+    """
+    predict = make_predict(run.mesh, run.config.eval_batch_size)
+    n = len(dataset.class_names)
+    test_logits = predict(run.state, dataset.test_images)
+    return {"train": classification_metrics(predict(run.state, dataset.train_images), dataset.train_labels, n),
+            "test": classification_metrics(test_logits, dataset.test_labels, n),
+            "test_logits": test_logits}
+
+
+def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test set") -> str:
+    """Per-class accuracy and the confusion matrix as text, under a heading line of its own."""
+    width = max(6, max(len(c) for c in class_names))
+    lines = [f"{title}:", f"{'class':<{width}}  {'accuracy':>8}  {'count':>5}"]
+    confusion = np.asarray(metrics["confusion_matrix"])
+    for name, acc, count in zip(class_names, metrics["per_class_accuracy"], confusion.sum(1)):
+        lines.append(f"{name:<{width}}  {'-' if acc is None else f'{acc:.2%}':>8}  {count:5d}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by number)",
+              f"{'':<{width + 3}} " + " ".join(f"{i:>5}" for i in range(len(class_names)))]
+    for i, (name, row) in enumerate(zip(class_names, confusion)):
+        lines.append(f"{i:>2} {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
+    return "\n".join(lines)
+
+
+def run_title(run: RestoredRun, test_accuracy: float) -> str:
+    """Two short lines, so the title fits even the narrow default grid."""
+    c = run.config
+    norm = NORM_NAMES[c.norm] + (f" ({c.groups} groups)" if c.norm == "gn" else "")
+    return (f"{norm}{' + skip' if c.skip else ''} | {run.meta['num_params']:,} parameters\n"
+            f"test accuracy {test_accuracy:.2%} (step {run.step})")
+
+
+def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols: int = 2,
+                     count: Optional[int] = None) -> dict:
+    """Evaluate `run` on `dataset` and write evaluation.json, misclassified.png and curves.png (the whole
+    run's history) into its folder. Returns the evaluation record (as written to evaluation.json)."""
+    count = rows * cols if count is None else count
+    results = evaluate_run(run, dataset)
+    title = run_title(run, results["test"]["accuracy"])
+    chosen = choose_misclassified(results["test_logits"], dataset.test_labels, count)
+    misclassified_grid(dataset.test_images, chosen, dataset.class_names, run.workdir / "misclassified.png",
+                       rows=rows, cols=cols, title=title)
+    if run.history:
+        plot_curves({run.config.norm: [run.history]}, run.workdir / "curves.png", title=title.replace("\n", " | "))
+    record = {"workdir": str(run.workdir), "step": run.step, "epoch": run.epoch,
+              "config": run.config.to_dict(), "num_params": run.meta["num_params"],
+              "data_source": dataset.source, "class_names": list(dataset.class_names),
+              "train": results["train"], "test": results["test"],
+              "misclassified": [{**c, "true_name": dataset.class_names[c["true"]],
+                                 "predicted_name": dataset.class_names[c["predicted"]]} for c in chosen],
+              "history": run.history}
+    write_json(run.workdir / "evaluation.json", record)
+    return record

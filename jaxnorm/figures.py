@@ -1,0 +1,94 @@
+"""The figures of a run or a study: a grid of misclassified images and the loss/accuracy curves.
+
+Matplotlib is used here only, through `Figure` objects (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: Sequence[str],
+                       path: str | Path, *, rows: int = 5, cols: int = 2, title: str = "") -> Figure:
+    """Save (and return) a rows x cols grid of the `chosen` images (records of `evaluate.choose_misclassified`), as
+    stored (un-normalised uint8), each annotated with its true and predicted class and probability."""
+    if len(chosen) > rows * cols:
+        raise ValueError(f"{len(chosen)} images do not fit a {rows}x{cols} grid")
+    # Wide enough for a two-line title even at 2 columns; constrained layout keeps the labels of one
+    # row clear of the images above.
+    fig = Figure(figsize=(max(2.2 * cols, 4.6), 2.3 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, c in zip(axes.ravel(), chosen):
+        image = np.asarray(images[c["index"]])
+        if image.shape[-1] == 1:  # grayscale (MNIST): show as gray, not a colour map
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image, interpolation="nearest")
+        ax.set_title(f"true: {class_names[c['true']]}\npred: {class_names[c['predicted']]} "
+                     f"({c['probability']:.0%})", fontsize=9)
+    if not chosen:
+        axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "") -> Figure:
+    """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, test solid with filled ones;
+    each label's mean over its histories."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, (label, histories) in zip(colors, runs.items()):
+        epochs = min(len(h) for h in histories)
+        if epochs == 0:
+            continue
+        x = np.arange(1, epochs + 1)
+        marker = "o" if epochs <= 20 else None
+        for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
+            for split, style, fill in (("train", "--", "none"), ("test", "-", "full")):
+                y = scale * np.mean([[e[f"{split}_{key}"] for e in h[:epochs]] for h in histories], axis=0)
+                ax.plot(x, y, style, color=color, marker=marker, fillstyle=fill, markersize=5,
+                        label=f"{label} {split}")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path, title: str = "") -> Figure:
+    """Test error against batch size (`jaxnorm.sweep.sweep_series`), log2 x-axis from large to small
+    batches as in the GroupNorm paper's figure 1; one line per series, the seeds' min-max range shaded,
+    BatchNorm with batch statistics dashed."""
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    ax = fig.subplots()
+    colors = {"bn": "tab:blue", "gn": "tab:red", "ln": "tab:green"}
+    for line in series:
+        color = colors.get(line["norm"])
+        ax.plot(line["batch_sizes"], line["mean"], "--" if line["batch_stats"] else "-", marker="o",
+                color=color, label=line["label"])
+        ax.fill_between(line["batch_sizes"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])
+    ax.minorticks_off()
+    ax.invert_xaxis()  # large batches left, as in the GroupNorm paper
+    ax.set_xlabel("batch size (images per step)")
+    ax.set_ylabel("test error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never on a line
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    return fig
+

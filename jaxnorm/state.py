@@ -1,0 +1,44 @@
+"""The train state and its optimizer: what a checkpoint holds, shared by training and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import optax
+from flax.training import train_state
+
+from jaxnorm.config import Config
+from jaxnorm.models import init_variables
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None  # BatchNorm running statistics; an empty dict for GN and LN
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """step: lr * gamma ** (epoch // lr_step_epochs), as torch's StepLR. linear / cosine: a linear
+    warm-up over warmup_epochs, then a linear or cosine decay that reaches 0 at the last step."""
+    if config.schedule == "step":
+        return optax.exponential_decay(config.lr, transition_steps=config.lr_step_epochs * steps_per_epoch,
+                                       decay_rate=config.lr_gamma, staircase=True)
+    total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+    decay = (optax.cosine_decay_schedule(config.lr, total - warmup) if config.schedule == "cosine" else
+             optax.linear_schedule(config.lr, 0.0, total - warmup))
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    # Weight decay added to the gradient before momentum, as torch.optim.SGD(weight_decay=...).
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                                 nesterov=config.nesterov))
+
+
+def create_train_state(model: nn.Module, config: Config, image_shape, steps_per_epoch: int) -> TrainState:
+    variables = init_variables(model, image_shape, seed=config.seed)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}),
+                             tx=make_optimizer(config, steps_per_epoch))

@@ -1,0 +1,123 @@
+"""Fault injection, kept out of the quick suite (marker `faults`; `.ci/run` runs it with -m faults).
+
+SIGKILL at random moments of a short command-line run, some of them during an asynchronous save,
+each followed by `--resume`: the run must end with exactly the metrics of an uninterrupted one.
+Two emulated hosts: SIGTERM reaching one of them makes both save the same step and stop (no save
+one host never joins). The quick suite keeps one SIGKILL case (test_robust.py).
+"""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_robust import _metrics, _start, _wait_for_first_checkpoint
+from jaxnorm.checkpoint import RunCheckpoints
+
+pytestmark = pytest.mark.faults
+
+SAVING = ".orbax-checkpoint-tmp"
+
+
+def _saving(workdir):
+    ckpt = workdir / "ckpt"
+    return ckpt.is_dir() and any(SAVING in p.name for p in ckpt.iterdir())
+
+
+def _kill_when(process, ready, timeout=90):
+    """SIGKILL `process` as soon as `ready()`; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready():
+            process.kill()
+            process.communicate()
+            return True
+        time.sleep(0.002)
+    process.communicate()
+    return False
+
+
+def _after_taking(workdir, process, delay):
+    """A test that turns true `delay` seconds after `process` has written its PID into the run lock."""
+    since = []
+
+    def ready():
+        if not since:
+            lock = workdir / "jaxnorm.lock"
+            if lock.exists() and f'"pid": {process.pid}' in lock.read_text():
+                since.append(time.monotonic())
+            return False
+        return time.monotonic() - since[0] > delay
+    return ready
+
+
+def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupted_run(tmp_path):
+    rng = random.Random(int(os.environ.get("JAXNORM_FAULT_SEED", "0")))
+    cache, reference, victim = tmp_path / "jax-cache", tmp_path / "reference", tmp_path / "victim"
+    ref = _start(reference, cache)
+    _wait_for_first_checkpoint(reference, ref)  # compiled once: later processes read the cache
+    tried = []  # the moments at which a SIGKILL landed on a running process
+    try:
+        for attempt in range(10):  # until 6 kills landed; a process that finishes first is not counted
+            if len(tried) == 6:
+                break
+            moment = ("save", "random")[attempt % 2]
+            process = _start(victim, cache, *(["--resume"] if attempt else []))
+            if moment == "save":  # the moment Orbax's temporary folder of an asynchronous save exists
+                landed = _kill_when(process, lambda: _saving(victim))
+            else:  # a random moment after the process has taken the run folder
+                landed = _kill_when(process, _after_taking(victim, process, rng.uniform(0, 4)))
+            if landed:
+                tried.append(moment)
+                if (victim / "ckpt").is_dir() and RunCheckpoints(victim, read_only=True).latest_step() is not None:
+                    RunCheckpoints(victim, read_only=True).require_latest_step()  # a usable folder each time
+        final = _start(victim, cache, "--resume")
+        out, err = final.communicate(timeout=300)
+        assert final.returncode == 0, err
+        ref_out, ref_err = ref.communicate(timeout=300)
+        assert ref.returncode == 0, ref_err
+    finally:
+        for p in (ref,):
+            if p.poll() is None:
+                p.kill()
+    print(f"\nSIGKILLs survived: {len(tried)} of {len(tried)} tried ({', '.join(tried)})")
+    assert tried.count("save") >= 1 and len(tried) >= 4, tried  # some kills landed during a save
+    assert _metrics(victim) == _metrics(reference)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_on_one_of_two_hosts_makes_both_save_the_same_step(tmp_path):
+    port, workdir = _free_port(), tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    hosts = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), str(i),
+                               str(workdir)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "ckpt" / "32").is_dir():  # epoch 1 saved: both are in the loop
+            assert all(h.poll() is None for h in hosts), [h.communicate()[0][-2000:] for h in hosts]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        hosts[1].send_signal(signal.SIGTERM)  # the other host never sees a signal
+        outputs = [h.communicate(timeout=120)[0] for h in hosts]
+    finally:
+        for h in hosts:
+            if h.poll() is None:
+                h.kill()
+    steps = [[line for line in out.splitlines() if line.startswith("interrupted at step")] for out in outputs]
+    assert [h.returncode for h in hosts] == [128 + signal.SIGTERM] * 2, outputs
+    assert steps[0] == steps[1] and len(steps[0]) == 1, outputs
+    step = int(steps[0][0].split()[-1])
+    assert step in RunCheckpoints(workdir, read_only=True).all_steps()
