@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm import layers
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.networks import Layer, mnist_net, seed_cnn
 
@@ -62,8 +63,8 @@ class _LayerNet(nn.Module):
         for layer in self.spatial_layers():
             if layer.kind in ("block", "conv"):
                 k = layer.kernel
-                y = nn.Conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
-                            name=layer.name)(x)
+                y = layers.Conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
+                                name=layer.name)(x)
                 if layer.kind == "block":
                     y = nn.relu(norm(name=f"{layer.name}_norm")(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),

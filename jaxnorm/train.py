@@ -73,6 +73,36 @@ def _step_key(config: Config, purpose: int, index) -> jax.Array:
 
 def make_train_step(config: Config, mesh):
     """train_step(state, images, labels, order, i) -> (state, metrics) for batch `order[i]`."""
+    rep = parallel.replicated(mesh)
+    return jax.jit(_train_step_fn(config, mesh), in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def make_train_epoch(config: Config, mesh):
+    """train_epoch(state, images, labels, order, first) -> (state, losses, correct): steps `first` to the
+    end of `order` as ONE compiled loop, for GPUs and TPUs, where dispatching 390 steps from Python can
+    leave the device idle. `losses` holds every step's loss (0 before `first`); the host fetches
+    metrics once per epoch. Same updates as calling train_step for each step in turn."""
+    step_fn = _train_step_fn(config, mesh)
+
+    def train_epoch(state, images, labels, order, first):
+        def body(carry, i):
+            def run(c):
+                state, correct = c
+                state, metrics = step_fn(state, images, labels, order, i)
+                return (state, correct + metrics["correct"]), metrics["loss"]
+            return jax.lax.cond(i >= first, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+
+        (state, correct), losses = jax.lax.scan(body, (state, jnp.zeros((), jnp.int32)), jnp.arange(len(order)))
+        return state, losses, correct
+
+    rep = parallel.replicated(mesh)
+    return jax.jit(train_epoch, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep, rep),
+                   donate_argnums=(0,))
+
+
+def _train_step_fn(config: Config, mesh):
+    """The (unjitted) training step shared by make_train_step and make_train_epoch."""
     batch_sharding = parallel.data_sharded(mesh)
 
     def train_step(state: TrainState, images, labels, order, i):
@@ -96,9 +126,7 @@ def make_train_step(config: Config, mesh):
         metrics = {"loss": loss, "l1": l1, "correct": jnp.sum(jnp.argmax(logits, -1) == y)}
         return state, metrics
 
-    rep = parallel.replicated(mesh)
-    return jax.jit(train_step, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+    return train_step
 
 
 def make_epoch_order(config: Config, mesh, num_examples: int):

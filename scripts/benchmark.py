@@ -5,13 +5,19 @@
 
 For each norm: compile time; steady-state training throughput (median over repeats, compilation
 excluded); evaluation throughput; and one whole epoch of --epoch-images synthetic CIFAR-sized images
-through the same loop as training, against the sum of its steps (the host overhead).
+through the same loop as training, against the sum of its steps (the host overhead). When PyTorch is
+installed, the same network in PyTorch (benchmarks/torch_reference.py, CPU, NCHW, one thread per
+core) is measured right after each norm, in a subprocess so the two thread pools never compete, and
+the table shows jaxnorm / PyTorch. Results go to --json (default benchmarks/<platform>-<n>dev.json).
 """
 
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 from jaxnorm.cli import OneLineParser, run_main
@@ -25,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--epoch-images", type=int, default=50_000, help="images in the timed epoch")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="write the results here (default benchmarks/<platform>-<n>dev.json)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     return p.parse_args(argv)
 
 
@@ -97,6 +104,21 @@ def bench_norm(norm, args):
             "epoch_overhead": (epoch_s - steps_per_epoch * step_s) / epoch_s}
 
 
+TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "torch_reference.py")
+
+
+def bench_torch(norm, args):
+    """The PyTorch reference for `norm` in a fresh process (its threads and ours never overlap)."""
+    threads = min(os.cpu_count() or 1, 8)
+    out = subprocess.run([sys.executable, TORCH_REFERENCE, "--norm", norm, "--batch-size", str(args.batch_size),
+                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(threads)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        print(f"warning: the PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     args = parse_args(argv)
     import flax
@@ -104,26 +126,34 @@ def main(argv=None):
     import optax
 
     device = jax.devices()[0]
+    with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     print(f"device: {device.device_kind} ({device.platform}) x {jax.device_count()} | jax {jax.__version__} "
           f"flax {flax.__version__} optax {optax.__version__} | python {platform.python_version()} "
-          f"| {os.cpu_count()} CPU cores")
+          f"| {os.cpu_count()} CPU cores | PyTorch reference: {'yes' if with_torch else 'no (not installed)'}")
     rows = []
     for norm in args.norm:
         rows.append(bench_norm(norm, args))
-        print(json.dumps(rows[-1]))
+        if with_torch:
+            rows[-1]["torch"] = bench_torch(norm, args)
+        print(json.dumps(rows[-1]), flush=True)
     header = ("norm", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
-              "epoch s", "sum of steps s", "overhead")
+              "epoch s", "sum of steps s", "overhead", "PyTorch train img/s", "PyTorch eval img/s",
+              "train jaxnorm/PyTorch")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        t = r.get("torch")
+        vs = (f"{t['train_images_per_s']:.0f} | {t['eval_images_per_s']:.0f} | "
+              f"{r['train_images_per_s'] / t['train_images_per_s']:.2f}x") if t else "- | - | -"
         lines.append(f"| {r['norm']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
                      f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
                      f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['epoch_s']:.1f} | "
-                     f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device.device_kind), "platform": device.platform,
-                       "jax": jax.__version__, "results": rows}, f, indent=1)
+                     f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} | {vs} |")
+    path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE), f"{device.platform}-{jax.device_count()}dev.json")
+    with open(path, "w") as f:
+        json.dump({"device": str(device.device_kind), "platform": device.platform, "devices": jax.device_count(),
+                   "cpu_cores": os.cpu_count(), "jax": jax.__version__, "results": rows}, f, indent=1)
     print("\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

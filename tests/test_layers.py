@@ -1,0 +1,56 @@
+"""The fast convolution is nn.Conv: same parameters, same outputs and gradients up to float32 rounding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnorm import layers
+from jaxnorm.config import Config
+from jaxnorm.models import build_model
+
+
+@pytest.mark.parametrize("cin,kernel,padding,bias", [(3, 3, 1, False), (2, 3, 0, True), (8, 1, 0, True),
+                                                     (16, 3, 1, False)])
+def test_fast_conv_matches_nn_conv_forward_and_gradient(cin, kernel, padding, bias):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, cin))
+    fast = layers.Conv(5, (kernel, kernel), padding=padding, use_bias=bias)
+    plain = nn.Conv(5, (kernel, kernel), padding=padding, use_bias=bias)
+    variables = plain.init(jax.random.PRNGKey(1), x)
+    fast_variables = fast.init(jax.random.PRNGKey(1), x)
+    # The same parameter tree and initial values: checkpoints of either load into the other.
+    assert jax.tree_util.tree_structure(fast_variables) == jax.tree_util.tree_structure(variables)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, fast_variables, variables)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))  # a non-linear cotangent
+
+    np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+    g_fast = jax.grad(loss(fast), argnums=(0, 1))(variables, x)
+    g_plain = jax.grad(loss(plain), argnums=(0, 1))(variables, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_fast, g_plain)
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_seed_network_with_fast_convs_matches_nn_conv(norm, monkeypatch):
+    # Small widths keep it fast; every conv kind of the seed network is there (RGB 3x3, 3x3, 1x1).
+    model = build_model(Config(norm=norm, dropout=0.0, width=8, transition_width=8, groups=4))
+    x = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3), maxval=255)
+    fast_vars = model.init(jax.random.PRNGKey(0), x)
+    fast_logits, fast_grads = _logits_and_grads(model, fast_vars, x)
+    monkeypatch.setattr(layers, "Conv", nn.Conv)  # the model as it was, with flax's own convolution
+    plain_vars = model.init(jax.random.PRNGKey(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, fast_vars, plain_vars)
+    plain_logits, plain_grads = _logits_and_grads(model, plain_vars, x)
+    np.testing.assert_allclose(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                           fast_grads, plain_grads)
+
+
+def _logits_and_grads(model, variables, x):
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits ** 2), logits
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return logits, grads
