@@ -25,7 +25,7 @@ from jaxnorm.config import NORMS, Config
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
