@@ -3,7 +3,7 @@
 
     python benchmarks/matmul_ceiling.py
 """
-import time, statistics, os
+import time, statistics
 import numpy as np
 import jax, jax.numpy as jnp
 def t(f, reps=5):

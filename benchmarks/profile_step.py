@@ -7,7 +7,7 @@ os.environ.setdefault("JAXNORM_CPU_DEVICES", "1")
 import jaxnorm
 
 jaxnorm.setup_cpu_devices()
-import jax, jax.numpy as jnp, optax
+import jax, optax
 from jax._src.lib import _profile_data
 from jaxnorm.config import Config
 from jaxnorm.models import build_model, init_variables

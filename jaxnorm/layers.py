@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
