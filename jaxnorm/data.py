@@ -207,16 +207,17 @@ def read_cifar10_archive(path: Path) -> Dataset:
     """Read the official binary or python CIFAR-10 layout, from a .tar.gz or an extracted folder."""
     files = _read_archive_files(path)  # basename -> bytes
     if all(f in files for f in _CIFAR_BIN_FILES):
-        splits = [_parse_cifar_bin(files[f], f"{path}: {f}") for f in _CIFAR_BIN_FILES]
+        batch_files = _CIFAR_BIN_FILES
+        splits = [_parse_cifar_bin(files[f], f"{path}: {f}") for f in batch_files]
         meta = files.get("batches.meta.txt", b"").decode().split()
     elif all(f in files for f in _CIFAR_PY_FILES):
-        splits = [_parse_cifar_py(files[f], f"{path}: {f}") for f in _CIFAR_PY_FILES]
+        batch_files = _CIFAR_PY_FILES
+        splits = [_parse_cifar_py(files[f], f"{path}: {f}") for f in batch_files]
         meta = [n.decode() if isinstance(n, bytes) else n for n in
                 _unpickle(files["batches.meta"]).get(b"label_names", [])] if "batches.meta" in files else []
     else:
         raise DataError(f"{path} is not a CIFAR-10 archive: it lacks data_batch_1..5 and test_batch")
-    names = _CIFAR_BIN_FILES if all(f in files for f in _CIFAR_BIN_FILES) else _CIFAR_PY_FILES
-    for name, (images, labels) in zip(names, splits):  # a damaged label byte: name the file now
+    for name, (images, labels) in zip(batch_files, splits):  # a damaged label byte: name the file now
         check_split(images, labels, 10, f"{path}: {name}")
     train_images = np.concatenate([s[0] for s in splits[:5]])
     train_labels = np.concatenate([s[1] for s in splits[:5]])

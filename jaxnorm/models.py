@@ -42,7 +42,9 @@ def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.M
 
 
 class _LayerNet(nn.Module):
-    """Runs `spatial_layers()` in order. Input: uint8 or float NHWC images in [0, 255]; output: logits."""
+    """Runs `spatial_layers()` in order. Input: uint8 or float NHWC images in [0, 255]; output: logits.
+
+    Each subclass defines `spatial_layers()`: its network's table from `jaxnorm.networks`."""
 
     config: Config = Config()
     # Per-channel statistics of the training set, in [0, 1] units.
@@ -51,9 +53,6 @@ class _LayerNet(nn.Module):
     num_classes: int = 10
     use_bias = False  # the convs' bias (class constants, not fields)
     channel_dropout = False  # drop whole feature maps instead of single activations
-
-    def spatial_layers(self) -> tuple[Layer, ...]:
-        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
