@@ -126,6 +126,22 @@ class Config:
         """The layers of the network this config builds (see `jaxnorm.networks`)."""
         return network_layers(self.dataset, self.width, self.transition_width)
 
+    def recipe(self) -> str:
+        """The training recipe in one line, for reports."""
+        if self.schedule == "step":
+            schedule = f"x{self.lr_gamma:g} every {self.lr_step_epochs} epochs"
+        else:
+            schedule = (f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else "") + \
+                f"{self.schedule} decay to 0"
+        augment = [a for a, on in (("flips", self.flip), ("pad-4 crops", self.crop)) if on]
+        parts = [f"batch {self.batch_size}", f"{self.epochs} epochs",
+                 f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
+                 f"lr {self.lr:g} {schedule}", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
+                 ", ".join(augment) or "no augmentation"]
+        parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
+        parts += [f"L1 {self.l1:g}"] if self.l1 else []
+        return ", ".join(parts)
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 

@@ -68,6 +68,7 @@ class Dataset:
     test_labels: np.ndarray
     class_names: tuple
     source: str  # where it came from, for logs and reports
+    copy: str = ""  # "JPEG": a lossy copy of a known dataset, reported as e.g. "CIFAR-10 (JPEG copy)"
 
     @property
     def image_shape(self) -> tuple:
@@ -136,9 +137,10 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
     if not 0 < num_train < n:
         raise DataError(f"--train-split {num_train} must be between 1 and {n - 1}: the {which} images of "
                         f"{data.source} number {n}")
-    return Dataset(pool[0][:num_train], pool[1][:num_train], pool[0][num_train:], pool[1][num_train:],
-                   data.class_names, source=f"{data.source} [{which} images split: first {num_train} train, "
-                                            f"last {n - num_train} test]")
+    return dataclasses.replace(data, train_images=pool[0][:num_train], train_labels=pool[1][:num_train],
+                               test_images=pool[0][num_train:], test_labels=pool[1][num_train:],
+                               source=f"{data.source} [{which} images split: first {num_train} train, "
+                                      f"last {n - num_train} test]")
 
 
 def first_train_images(data: Dataset, num_train: Optional[int]) -> Dataset:
@@ -182,7 +184,9 @@ def read_folder_dataset(path: Path, class_names: Optional[Sequence[str]] = None)
         found = read_image_folder(path, class_names)
     except ImageFolderError as e:
         raise DataError(str(e)) from None
-    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path))
+    # Lossy files of a known dataset are a copy of it, not it: reports must say so.
+    copy = "JPEG" if class_names is not None and "JPEG" in found["formats"] else ""
+    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path), copy=copy)
 
 
 # ----------------------------------------------------------------------------------------------

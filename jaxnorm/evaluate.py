@@ -34,16 +34,23 @@ from jaxnorm.utils import quiet_absl, write_json
 # Predictions and metrics, computed on the device.
 
 
-def make_predict(mesh, batch_size: int):
+def make_predict(mesh, batch_size: int, *, flip_average: bool = False):
     """predict(state, images) -> float32 logits for every image (uint8 host or device array), as one
-    array replicated over the mesh (every host can read all of it)."""
+    array replicated over the mesh (every host can read all of it).
+
+    flip_average: test-time augmentation, the mean of the logits of each image and its mirror image
+    (for data trained with random flips)."""
     batch_size = math.ceil(batch_size / mesh.devices.size) * mesh.devices.size
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
     @functools.partial(jax.jit, out_shardings=rep)
     def logits_of(state, x):
         x = jax.lax.with_sharding_constraint(x, shard)
-        return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        logits = state.apply_fn(variables, x, train=False)
+        if flip_average:
+            logits = (logits + state.apply_fn(variables, x[:, :, ::-1], train=False)) / 2
+        return logits
 
     def predict(state, images) -> jax.Array:
         n = len(images)
@@ -142,9 +149,10 @@ class RestoredRun:
         return len(self.meta["history"])
 
 
-def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
-    """The run in `workdir` at `step` (default: the best by test accuracy, else the latest; an unreadable
-    one is skipped with a warning for the newest readable one, while an unreadable `step` is an error).
+def restore_run(workdir: str | Path, step: Optional[int] = None, *, final: bool = False) -> RestoredRun:
+    """The run in `workdir` at `step` (default: the best by test accuracy, or with `final` the latest;
+    an unreadable one is skipped with a warning for the newest readable one, while an unreadable `step`
+    is an error).
 
     The model is rebuilt from the config saved in the checkpoint, and the state restored onto the
     devices of this process (one CPU is fine) through an abstract target, whatever wrote it.
@@ -167,7 +175,7 @@ def restore_run(workdir: str | Path, step: Optional[int] = None) -> RestoredRun:
         if step is not None:
             state, meta = checkpoints.restore(step, target(checkpoints.restore_meta(step)))
         else:
-            step, state, meta = checkpoints.restore_readable(target, prefer=checkpoints.best_step())
+            step, state, meta = checkpoints.restore_readable(target, prefer=None if final else checkpoints.best_step())
         _, newest = checkpoints.readable_meta()  # the whole run's history, whichever step is restored
     finally:
         checkpoints.close()
@@ -207,14 +215,21 @@ def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset
 def evaluate_run(run: RestoredRun, dataset: Dataset) -> dict:
     """Metrics on the whole train and test sets (evaluation mode: no augmentation or dropout).
 
-    Returns {'train': metrics, 'test': metrics, 'test_logits': array}; the logits are for the grid.
+    Returns {'train': metrics, 'test': metrics, 'test_logits': array}; the logits are for the grid. A
+    run trained with random flips also gets 'test_flip_average': the test metrics with test-time flip
+    averaging (`make_predict(flip_average=True)`).
     """
     predict = make_predict(run.mesh, run.config.eval_batch_size)
     n = len(dataset.class_names)
     test_logits = predict(run.state, dataset.test_images)
-    return {"train": classification_metrics(predict(run.state, dataset.train_images), dataset.train_labels, n),
-            "test": classification_metrics(test_logits, dataset.test_labels, n),
-            "test_logits": test_logits}
+    results = {"train": classification_metrics(predict(run.state, dataset.train_images), dataset.train_labels, n),
+               "test": classification_metrics(test_logits, dataset.test_labels, n),
+               "test_logits": test_logits}
+    if run.config.flip:
+        flipped = make_predict(run.mesh, run.config.eval_batch_size, flip_average=True)
+        results["test_flip_average"] = classification_metrics(flipped(run.state, dataset.test_images),
+                                                              dataset.test_labels, n)
+    return results
 
 
 def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test set") -> str:
@@ -255,6 +270,7 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
               "config": run.config.to_dict(), "num_params": run.meta["num_params"],
               "data_source": dataset.source, "class_names": list(dataset.class_names),
               "train": results["train"], "test": results["test"],
+              **({"test_flip_average": results["test_flip_average"]} if "test_flip_average" in results else {}),
               "misclassified": [{**c, "true_name": dataset.class_names[c["true"]],
                                  "predicted_name": dataset.class_names[c["predicted"]]} for c in chosen],
               "history": run.history}

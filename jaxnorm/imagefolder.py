@@ -52,7 +52,8 @@ def is_image_folder(path: Path) -> bool:
 
 
 def read_image_folder(path: Path, class_names: Optional[Sequence[str]] = None) -> dict:
-    """{'train': (images, labels), 'test': (images, labels), 'class_names': tuple}.
+    """{'train': (images, labels), 'test': (images, labels), 'class_names': tuple, 'formats': set of
+    Pillow format names ('JPEG', 'PNG', ...)}.
 
     Labels follow `class_names` when given (the class folders must be exactly those names), else the
     sorted folder names.
@@ -76,13 +77,14 @@ def read_image_folder(path: Path, class_names: Optional[Sequence[str]] = None) -
             if not files[split].get(c):
                 raise ImageFolderError(f"class folder {split}/{c} of {path} holds no images")
 
-    out, reference = {"class_names": names}, None
+    out, reference = {"class_names": names, "formats": set()}, None
     for split in SPLITS:
         order = _interleave([[(label, f"{split}/{c}/{name}", files[split][c][name])
                               for name in sorted(files[split][c])] for label, c in enumerate(names)])
         images = []
         for _, rel, data in order:
-            image = _decode(data, rel)
+            image, fmt = _decode(data, rel)
+            out["formats"].add(fmt)
             reference = reference or (rel, image.shape[:2])
             if image.shape[:2] != reference[1]:
                 raise ImageFolderError(f"{rel} is {_size(image.shape)} but {reference[0]} is "
@@ -188,14 +190,14 @@ def _interleave(groups: list[list]) -> list:
 # Decoding.
 
 
-def _decode(data: bytes, rel: str) -> np.ndarray:
-    """(H, W) uint8 for a greyscale image, (H, W, 3) for any other."""
+def _decode(data: bytes, rel: str) -> tuple[np.ndarray, str]:
+    """(H, W) uint8 for a greyscale image, (H, W, 3) for any other; and the file's format ("JPEG")."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode = "L" if image.mode in ("1", "L", "LA") else "RGB"
-            return np.asarray(image if image.mode == mode else image.convert(mode), np.uint8)
+            return np.asarray(image if image.mode == mode else image.convert(mode), np.uint8), image.format
     except UnidentifiedImageError:
         raise ImageFolderError(f"{rel} is not an image (Pillow cannot identify it)") from None
     except Exception as e:  # a truncated or corrupt image can raise nearly anything

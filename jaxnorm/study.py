@@ -28,24 +28,33 @@ STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
-    """A folder name for the data: cifar10 / mnist for the benchmark sets, <name>-subset-<N> otherwise."""
+    """A folder name for the data: cifar10 / mnist for the benchmark sets, cifar10-jpeg for a JPEG copy,
+    <name>[-jpeg]-subset-<N> for fewer training images."""
     n = len(dataset.train_images)
-    if name in BENCHMARK_TRAIN_SIZE and n != BENCHMARK_TRAIN_SIZE[name]:
+    name += f"-{dataset.copy.lower()}" if dataset.copy else ""
+    base = name.split("-")[0]
+    if base in BENCHMARK_TRAIN_SIZE and n != BENCHMARK_TRAIN_SIZE[base]:
         return f"{name}-subset-{n}"
     return name
 
 
-def describe_data(name: str, dataset: Dataset) -> str:
+def data_title(name: str, dataset: Dataset) -> str:
+    """The data's name in reports: "CIFAR-10", "CIFAR-10 (JPEG copy)", "MNIST", "image folder", ..."""
+    if name not in TFDS_SOURCES:
+        return "synthetic data" if name == "synthetic" else "image folder"
+    return TFDS_SOURCES[name][0] + (f" ({dataset.copy} copy)" if dataset.copy else "")
+
+
+def describe_data(name: str, dataset: Dataset, title: Optional[str] = None) -> str:
+    """The data's title (`title` or `data_title`), sizes and source; a subset is called one."""
     n, m = len(dataset.train_images), len(dataset.test_images)
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
     if name == "synthetic":
         return f"**synthetic data** (smoke test, {text}): not a result"
-    if name not in TFDS_SOURCES:  # an image folder
-        return f"image folder ({text})"
-    title = TFDS_SOURCES[name][0]  # "CIFAR-10", "MNIST"
-    if n != BENCHMARK_TRAIN_SIZE[name]:
+    title = title or data_title(name, dataset)
+    if name in BENCHMARK_TRAIN_SIZE and n != BENCHMARK_TRAIN_SIZE[name]:
         return (f"**{n:,}-image {title} subset, not {title}** ({text}): accuracies here are not "
-                f"comparable with {title} results")
+                f"comparable with {TFDS_SOURCES[name][0]} results")
     return f"{title} ({text})"
 
 
@@ -108,6 +117,9 @@ def study_rows(records: dict[str, list[dict]]) -> list[dict]:
             "epochs": sorted({len(h) for h in hists}),
             "seconds": [sum(e["seconds"] for e in h) for h in hists],
             "eval_train": [r["train"]["accuracy"] for r in runs],
+            # test-time flip averaging of the final checkpoint; absent for data trained without flips
+            "final_test_flip_average": [r["test_flip_average"]["accuracy"] for r in runs
+                                        if "test_flip_average" in r],
         })
     return rows
 
@@ -135,22 +147,29 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
         lines += ["Produced by:", "", "```bash", command, "```", ""]
     net = ("MNIST net" if config["dataset"] == "mnist"
            else f"Seed CNN (width {config['width']}/{config['transition_width']})")
-    lines += [f"{net}{extra}, batch {config['batch_size']}, lr {config['lr']} "
-              f"x{config['lr_gamma']} every {config['lr_step_epochs']} epochs, seeds "
-              f"{', '.join(map(str, rows[0]['seeds']))}. Accuracies: mean ± sample standard deviation over "
-              "the seeds. Train accuracy is measured during each epoch (augmented, with dropout); test accuracy "
-              "after it. *Best* is the highest epoch; *final* the last. Wall time: training seconds per run "
-              "(compilation included), mean over seeds.", "",
-             "| norm | parameters | final train | final test | best train | best test | epochs | wall time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    flip_average = all(len(r["final_test_flip_average"]) == len(r["seeds"]) for r in rows)
+    lines += [f"{net}{extra}; {Config.from_dict(config).recipe()}; seeds "
+              f"{', '.join(map(str, rows[0]['seeds']))} ({len(rows[0]['seeds'])} runs per norm). Accuracies: mean "
+              "± sample standard deviation over the seeds. Train accuracy is measured during each epoch "
+              "(augmented, with dropout); test accuracy after it, on the plain test images (no test-time "
+              "augmentation). *Best* is the highest epoch; *final* the last."
+              + (" *Final test, flip-averaged*: the last checkpoint with test-time flip averaging (the logits "
+                 "of each test image and its mirror image averaged)." if flip_average else "")
+              + " Wall time: training seconds per run (compilation and per-epoch evaluation included), mean "
+              "over seeds.", "",
+              "| norm | parameters | final train | final test | best train | best test | "
+              + ("final test, flip-averaged | " if flip_average else "") + "epochs | wall time (s) |",
+              "|---|---:|---:|---:|---:|---:|" + ("---:|" if flip_average else "") + "---:|---:|"]
     for r in rows:
         lines.append(f"| {NORM_NAMES[r['norm']]} (`{r['norm']}`) | {r['num_params']:,} | "
                      f"{format_mean_std(r['final_train'])} | {format_mean_std(r['final_test'])} | "
                      f"{format_mean_std(r['best_train'])} | {format_mean_std(r['best_test'])} | "
-                     f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
+                     + (f"{format_mean_std(r['final_test_flip_average'])} | " if flip_average else "")
+                     + f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
     lines += ["", "Loss and accuracy per epoch (train dashed, test solid; mean over seeds):", "",
               f"![curves](curves{suffix}.png)", "",
-              f"Misclassified test images of seed {rows[0]['seeds'][0]}'s best checkpoint:", ""]
+              f"Misclassified test images of seed {rows[0]['seeds'][0]}'s final checkpoint (no test-time "
+              "augmentation):", ""]
     for r in rows:
         lines += [f"![{r['norm']} misclassified](misclassified-{r['norm']}{suffix}.png)", ""]
     path = out / f"study{suffix}.md"

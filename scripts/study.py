@@ -60,7 +60,7 @@ def main(argv=None):
             workdir = runs_root / f"{norm}{variant}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             with RunLock(workdir):  # it writes the report into the run folder: not while another process trains it
-                records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
+                records.setdefault(norm, []).append(write_run_report(restore_run(workdir, final=True), dataset))
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
     command = shlex.join(["python", "scripts/study.py", *sys.argv[1:]])

@@ -1,7 +1,7 @@
 """The batch-size study: train every norm x batch size x seed, plot test error against batch size.
 
     python scripts/sweep.py --data-dir /path/to/cifar-10-binary.tar.gz    # bn gn ln x 2..128 x 3 seeds x 20 epochs
-    python scripts/sweep.py --data-dir DATA --train-images 3000 --epochs 2 --seeds 0 1 --data-label "CIFAR-10 (JPEG)"
+    python scripts/sweep.py --data-dir DATA --train-images 3000 --epochs 2 --seeds 0 1
     python scripts/sweep.py --data-dir DATA --time-steps 30                     # step time at each batch, then exit
     python scripts/sweep.py --dataset synthetic --epochs 1 --seeds 0 --batch-sizes 4 32 --preset narrow   # smoke test
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
 from jaxnorm.config import NORMS, ConfigError
-from jaxnorm.data import TFDS_SOURCES, first_train_images, load_dataset
-from jaxnorm.study import dataset_name, describe_data
+from jaxnorm.data import first_train_images, load_dataset
+from jaxnorm.study import data_title, dataset_name, describe_data
 from jaxnorm.sweep import format_step_times, run_sweep, time_steps, write_sweep
 
 
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     s.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 8, 16, 32, 64, 128],
                    help="(default 2 4 8 16 32 64 128)")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
-    s.add_argument("--data-label", help="the data's name in the report and figure (default: from the data)")
+    s.add_argument("--data-label", help="the data's name in the report and figure (default: from the data, e.g. CIFAR-10 (JPEG copy))")
     s.add_argument("--runs", help="folder of the run folders (default checkpoints/sweep/<dataset name>)")
     s.add_argument("--out", help="report folder (default results/<dataset name>)")
     s.add_argument("--time-steps", type=int, metavar="N",
@@ -66,11 +66,8 @@ def main(argv=None):
             rows = time_steps(base.replace(norm=norm), dataset, args.batch_sizes, steps=args.time_steps)
             print(format_step_times(rows, norm, len(dataset.train_images)), flush=True)
         return
-    n, m = len(dataset.train_images), len(dataset.test_images)
-    data = describe_data(base.dataset, dataset)
-    if args.data_label:
-        data = f"{args.data_label}, {n:,} training / {m:,} test images from `{dataset.source}`"
-    label = f"{args.data_label or TFDS_SOURCES.get(base.dataset, [base.dataset])[0]}, {n:,} training images"
+    data = describe_data(base.dataset, dataset, args.data_label)
+    label = f"{args.data_label or data_title(base.dataset, dataset)}, {len(dataset.train_images):,} training images"
     runs_root = Path(args.runs or os.path.join("checkpoints", "sweep", name))
     out = Path(args.out or os.path.join("results", name))
     records = run_sweep(base, dataset, norms=args.norms, batch_sizes=args.batch_sizes, seeds=args.seeds,

@@ -94,6 +94,7 @@ def test_cifar10_reads_a_folder_with_its_ten_class_names_in_cifar_order(tmp_path
     assert data.class_names == CIFAR10_CLASSES
     np.testing.assert_array_equal(data.train_labels, np.arange(10))
     np.testing.assert_array_equal(data.train_images[3], written["train", "cat", 0])  # cat is label 3
+    assert data.copy == ""  # PNG is lossless: these are the images themselves
     _make_folder(tmp_path / "other", {"cat": 1, "dog": 1})
     with pytest.raises(DataError, match="not the expected 10 .*use --dataset folder"):
         load_dataset("cifar10", str(tmp_path / "other"))
@@ -165,3 +166,19 @@ def test_shared_jpeg_copy_of_cifar10_loads_whole():
     np.testing.assert_array_equal(data.train_images[3], cat)  # classes interleave: label 3 comes fourth
     # --train-split 45000 keeps 4,500 of each class for training and 500 of each for validation.
     np.testing.assert_array_equal(np.bincount(data.train_labels[45_000:]), [500] * 10)
+    assert data.copy == "JPEG"
+
+
+def test_jpeg_files_of_a_known_dataset_are_named_a_copy_in_reports(tmp_path):
+    from jaxnorm.data import split_train_test
+    from jaxnorm.study import data_title, dataset_name, describe_data
+    names = {c: 1 for c in CIFAR10_CLASSES}
+    _make_folder(tmp_path / "jpeg", names, ext="jpg", test_counts=names)
+    data = load_dataset("cifar10", str(tmp_path / "jpeg"))
+    assert data.copy == "JPEG" and data_title("cifar10", data) == "CIFAR-10 (JPEG copy)"
+    assert dataset_name("cifar10", data) == "cifar10-jpeg-subset-10"
+    assert "**10-image CIFAR-10 (JPEG copy) subset, not CIFAR-10 (JPEG copy)**" in describe_data("cifar10", data)
+    assert split_train_test(data, 6).copy == "JPEG"  # a validation split is still the copy
+    # --dataset folder: the files are the dataset, whatever their format.
+    folder = load_dataset("folder", str(tmp_path / "jpeg"))
+    assert folder.copy == "" and data_title("folder", folder) == "image folder"

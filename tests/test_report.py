@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax
@@ -9,7 +10,7 @@ from conftest import run_script
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import Config
 from jaxnorm.evaluate import (choose_misclassified, classification_metrics, evaluate_run, format_metrics,
-                              restore_run, write_run_report)
+                              make_predict, restore_run, write_run_report)
 from jaxnorm.figures import misclassified_grid, plot_curves
 from jaxnorm.models import build_model, count_params, model_summary
 from jaxnorm.networks import receptive_field
@@ -98,6 +99,26 @@ def test_evaluation_accuracy_equals_a_direct_computation(trained_run):
     assert results["test"]["accuracy"] == pytest.approx(max(h["test_accuracy"] for h in run.meta["history"]))
 
 
+def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror(trained_run):
+    workdir, data, _ = trained_run
+    run = restore_run(workdir)
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    plain, mirrored = (run.model.apply(variables, x) for x in (data.test_images, data.test_images[:, :, ::-1]))
+    assert not np.allclose(plain, mirrored, atol=1e-3)  # else the test below could not tell them apart
+    got = make_predict(run.mesh, 16, flip_average=True)(run.state, data.test_images)
+    np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
+    record = evaluate_run(run, data)  # trained with flips: the averaged figure is reported beside the plain one
+    expected = np.mean(np.argmax(plain + mirrored, -1) == data.test_labels)
+    assert record["test_flip_average"]["accuracy"] == pytest.approx(expected)
+    no_flips = dataclasses.replace(run, config=run.config.replace(flip=False))
+    assert "test_flip_average" not in evaluate_run(no_flips, data)
+
+
+def test_final_restores_the_last_checkpoint_whatever_the_best(trained_run):
+    workdir, _, result = trained_run
+    assert restore_run(workdir, final=True).step == result["history"][-1]["step"] == 8
+
+
 def test_run_report_writes_its_files(trained_run):
     workdir, data, _ = trained_run
     record = write_run_report(restore_run(workdir), data, rows=2, cols=3)
@@ -151,6 +172,24 @@ def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
     assert "5,085-image CIFAR-10 subset, not CIFAR-10" in text and "subset.tar.gz" in text
     assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 65.00% ± 7.07% |" in text
     assert "| GroupNorm (`gn`) | 34,872 | 40.00% |" in text and (tmp_path / "curves.png").is_file()
+    assert Config().recipe() in text  # the recipe as trained, from the runs' config
+    assert "flip-averaged" not in text  # no run measured it
+
+
+def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp_path):
+    from jaxnorm.data import Dataset
+    from jaxnorm.study import write_study
+    data = Dataset(np.zeros((50000, 2, 2, 3), np.uint8), np.zeros(50000, np.int32), np.zeros((10, 2, 2, 3), np.uint8),
+                   np.zeros(10, np.int32), tuple("abcdefghij"), source="cifar-10-jpeg.tar.gz", copy="JPEG")
+    history = [{"epoch": 1, "train_accuracy": 0.5, "test_accuracy": 0.6, "train_loss": 1.0, "test_loss": 1.0,
+                "seconds": 2.0}]
+    config = Config(schedule="linear", warmup_epochs=1, nesterov=True, dropout=0.0, lr=0.1)
+    records = {"ln": [{"config": config.replace(norm="ln", seed=s).to_dict(), "num_params": 34872, "history": history,
+                       "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}} for s, a in ((0, .7), (1, .8))]}
+    text = write_study(records, data, tmp_path, dataset_key="cifar10").read_text()
+    assert "Data: CIFAR-10 (JPEG copy) (50,000 training" in text
+    assert "SGD Nesterov momentum 0.9, lr 0.1 1-epoch linear warm-up, then linear decay to 0" in text
+    assert "| final test, flip-averaged |" in text and "| 75.00% ± 7.07% |" in text
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
