@@ -25,8 +25,8 @@ DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/
 
 # Where a dataset's seed recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' 15
 # epochs and batch 64; 2 groups (the largest count dividing 10, 16 and 8); no flips (digits are not
-# mirror-symmetric).
-DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip": False}}
+# mirror-symmetric); --crop shifts by at most 2 pixels (a digit fills the central 20x20 of 28x28).
+DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip": False, "crop_padding": 2}}
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
@@ -87,7 +87,8 @@ class Config:
         "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
     flip: bool = knob(True, "random horizontal flips (the CIFAR-10 seeds')")
-    crop: bool = knob(False, "also pad by 4 and crop randomly")
+    crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
+    crop_padding: int = knob(4, "the largest shift of --crop, in pixels")
     train_split: Optional[int] = knob(
         None, "train on the first N images of one file set and test on the rest (the training files, or the "
         "test files when the folder has no training images, e.g. ../shared/data/mnist: --train-split 8000 "
@@ -133,7 +134,7 @@ class Config:
         else:
             schedule = (f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else "") + \
                 f"{self.schedule} decay to 0"
-        augment = [a for a, on in (("flips", self.flip), ("pad-4 crops", self.crop)) if on]
+        augment = [a for a, on in (("flips", self.flip), (f"pad-{self.crop_padding} crops", self.crop)) if on]
         parts = [f"batch {self.batch_size}", f"{self.epochs} epochs",
                  f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
                  f"lr {self.lr:g} {schedule}", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
@@ -162,7 +163,7 @@ class Config:
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(f.metadata['choices'])}")
         for name in ("epochs", "batch_size", "eval_batch_size", "width", "transition_width",
-                     "lr_step_epochs", "groups"):
+                     "lr_step_epochs", "groups", "crop_padding"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_epochs < self.epochs:

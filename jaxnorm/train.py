@@ -110,7 +110,7 @@ def _train_step_fn(config: Config, mesh):
         x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
         y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
         aug_key, dropout_key = jax.random.split(_step_key(config, 1, state.step))
-        x = augment(x, aug_key, flip=config.flip, crop_padding=4 if config.crop else 0)
+        x = augment(x, aug_key, flip=config.flip, crop_padding=config.crop_padding if config.crop else 0)
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,

@@ -33,6 +33,9 @@ def test_mnist_net_has_exactly_10224_parameters(norm):
 def test_mnist_defaults_and_group_check_cover_every_normalised_width():
     config = Config.for_dataset("mnist")
     assert (config.epochs, config.batch_size, config.groups, config.flip) == (15, 64, 2, False)
+    assert (config.crop_padding, Config().crop_padding) == (2, 4)  # a 28x28 digit shifts less than a photo
+    with pytest.raises(ConfigError, match="--crop-padding must be positive"):
+        config.replace(crop_padding=0).validate()
     assert Config.for_dataset("cifar10") == Config()  # CIFAR-10 defaults unchanged
     with pytest.raises(ConfigError, match="--groups 4 does not divide the 10 channels.*divisor of 2"):
         config.replace(norm="gn", groups=4).validate()
