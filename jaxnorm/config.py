@@ -113,6 +113,10 @@ class Config:
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
     seed: int = knob(0, "same seed, same result")
     eval_batch_size: int = knob(1000, "batch of the per-epoch evaluation", role=RUNTIME)
+    steps_per_call: Optional[int] = knob(
+        None, "training steps per compiled call (one lax.scan); Ctrl-C and the progress bar wait for a call's "
+        "end (default: 1 on CPU, the whole epoch on GPUs and TPUs, whose queue must never wait for Python)",
+        role=RUNTIME, metavar="N")
 
     @classmethod
     def fields_with_role(cls, *roles: str) -> tuple[str, ...]:
@@ -179,6 +183,8 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
         if self.train_split is not None and self.train_split <= 0:
             raise ConfigError(f"--train-split must be positive, got {self.train_split}")
+        if self.steps_per_call is not None and self.steps_per_call <= 0:
+            raise ConfigError(f"--steps-per-call must be positive, got {self.steps_per_call}")
         if self.train_images is not None and self.train_images <= 0:
             raise ConfigError(f"--train-images must be positive, got {self.train_images}")
         widths = normalised_widths(self.layers())

@@ -78,31 +78,53 @@ def make_train_step(config: Config, mesh):
                    donate_argnums=(0,))
 
 
-def make_train_epoch(config: Config, mesh):
-    """train_epoch(state, images, labels, order, first) -> (state, losses, correct): steps `first` to the
-    end of `order` as ONE compiled loop, for GPUs and TPUs, where dispatching 390 steps from Python can
-    leave the device idle. `losses` holds every step's loss (0 before `first`); the host fetches
-    metrics once per epoch. Same updates as calling train_step for each step in turn."""
+def make_train_steps(config: Config, mesh, count: int):
+    """train_steps(state, images, labels, order, start) -> (state, losses, correct, n): the next
+    n = min(count, steps left) steps of the epoch `order` from step `start`. `count` steps run as ONE
+    compiled call (`lax.scan`); a shorter tail of the epoch runs step by step. `losses` holds each
+    step's loss, `correct` the summed count. The same updates as calling train_step for each step.
+    On a GPU or TPU one call per epoch keeps the device busy without Python dispatching 390 steps."""
+    step = make_train_step(config, mesh)
+
+    def one_step(state, images, labels, order, start):
+        state, metrics = step(state, images, labels, order, start)
+        return state, metrics["loss"][None], metrics["correct"], 1
+
+    if count == 1:
+        return one_step
     step_fn = _train_step_fn(config, mesh)
+    # XLA:CPU runs convolutions inside a loop (or cond) body 15-30x slower than at the top level
+    # (benchmarks/NOTES.md): there the loop is unrolled into straight-line code.
+    unroll = jax.devices()[0].platform == "cpu"
 
-    def train_epoch(state, images, labels, order, first):
-        def body(carry, i):
-            def run(c):
-                state, correct = c
-                state, metrics = step_fn(state, images, labels, order, i)
-                return (state, correct + metrics["correct"]), metrics["loss"]
-            return jax.lax.cond(i >= first, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
-
-        (state, correct), losses = jax.lax.scan(body, (state, jnp.zeros((), jnp.int32)), jnp.arange(len(order)))
-        return state, losses, correct
+    def steps_fn(state, images, labels, order, start):
+        def body(state, i):
+            state, metrics = step_fn(state, images, labels, order, i)
+            return state, (metrics["loss"], metrics["correct"])
+        state, (losses, correct) = jax.lax.scan(body, state, start + jnp.arange(count), unroll=unroll)
+        return state, losses, jnp.sum(correct)
 
     rep = parallel.replicated(mesh)
-    return jax.jit(train_epoch, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep, rep),
-                   donate_argnums=(0,))
+    compiled = jax.jit(steps_fn, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep, rep),
+                       donate_argnums=(0,))
+
+    def train_steps(state, images, labels, order, start):
+        if len(order) - start < count:
+            return one_step(state, images, labels, order, start)
+        return (*compiled(state, images, labels, order, start), count)
+    return train_steps
+
+
+def steps_per_call(config: Config, steps_per_epoch: int) -> int:
+    """config.steps_per_call, or by default 1 on CPU (a signal stops within a step) and the whole epoch
+    on GPUs and TPUs."""
+    if config.steps_per_call is not None:
+        return min(config.steps_per_call, steps_per_epoch)
+    return 1 if jax.devices()[0].platform == "cpu" else steps_per_epoch
 
 
 def _train_step_fn(config: Config, mesh):
-    """The (unjitted) training step shared by make_train_step and make_train_epoch."""
+    """The (unjitted) training step shared by make_train_step and make_train_steps."""
     batch_sharding = parallel.data_sharded(mesh)
 
     def train_step(state: TrainState, images, labels, order, i):
@@ -191,7 +213,8 @@ class _Run:
     num_params: int
     images: jax.Array
     labels: jax.Array
-    train_step: Callable
+    train_steps: Callable  # make_train_steps(config, mesh, steps_per_call)
+    steps_per_call: int
     epoch_order: Callable
     predict: Callable
     schedule: optax.Schedule
@@ -247,7 +270,9 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
     return _Run(config, workdir, checkpoints, dataset, steps_per_epoch, state, history, partial, meta, num_params,
                 images=parallel.put_replicated(dataset.train_images, mesh),
                 labels=parallel.put_replicated(dataset.train_labels, mesh),
-                train_step=make_train_step(config, mesh), epoch_order=make_epoch_order(config, mesh, num_train),
+                train_steps=make_train_steps(config, mesh, steps_per_call(config, steps_per_epoch)),
+                steps_per_call=steps_per_call(config, steps_per_epoch),
+                epoch_order=make_epoch_order(config, mesh, num_train),
                 predict=make_predict(mesh, config.eval_batch_size),
                 schedule=learning_rate_schedule(config, steps_per_epoch))
 
@@ -259,21 +284,29 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
     losses, corrects = _partial_epoch_metrics(run, epoch, first)
     order = run.epoch_order(epoch)
     start = time.perf_counter()
-    bar = tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, initial=first,
-               total=steps, unit="step", disable=not progress or jax.process_index() != 0)
-    for i in bar:
-        run.state, metrics = run.train_step(run.state, run.images, run.labels, order, i)
-        losses.append(metrics["loss"])
-        corrects.append(metrics["correct"])
-        stop_now = stop.agreed(sync_point=(i + 1) % 10 == 0 or i + 1 == steps)
-        if stop_now is not None and i + 1 < steps:
+    bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, initial=first, total=steps, unit="step",
+               disable=not progress or jax.process_index() != 0)
+    done = first
+    bar_sums, fetched = [0.0, 0], [len(losses), len(corrects)]  # the bar's loss and correct sums; read so far
+    while done < steps:
+        run.state, call_losses, call_correct, n = run.train_steps(run.state, run.images, run.labels, order, done)
+        losses.append(call_losses)
+        corrects.append(call_correct)
+        done += n
+        bar.update(n)
+        # Sync points, the same on every host: each call's end, or every 10th step of one-step calls.
+        sync = run.steps_per_call > 1 or done % 10 == 0 or done == steps
+        stop_now = stop.agreed(sync_point=sync)
+        if stop_now is not None and done < steps:
             _save_partial_epoch_and_stop(run, epoch, losses, corrects, stop_now)
-        if (i + 1) % 10 == 0 or i + 1 == steps:  # sync rarely: keeps the device queue full
-            seen = (i + 1) * config.batch_size
-            bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.3f}",
-                            acc=f"{int(np.sum(jax.device_get(corrects))) / seen:.2%}",
-                            img_s=f"{(seen - first * config.batch_size) / (time.perf_counter() - start):.0f}")
-    step_losses = np.asarray(jax.device_get(losses))
+        if sync and not bar.disable:  # fetch only what the bar has not seen: the queue stays full
+            bar_sums[0] += float(_concatenate(losses[fetched[0]:]).sum())
+            bar_sums[1] += int(np.sum(jax.device_get(corrects[fetched[1]:])))
+            fetched = [len(losses), len(corrects)]
+            bar.set_postfix(loss=f"{bar_sums[0] / (done - first):.3f}",
+                            acc=f"{bar_sums[1] / ((done - first) * config.batch_size):.2%}",
+                            img_s=f"{(done - first) * config.batch_size / (time.perf_counter() - start):.0f}")
+    step_losses = _concatenate(losses)
     seconds = time.perf_counter() - start
     check_finite(step_losses, epoch, steps, run.checkpoints, run.workdir)
     test = logit_metrics(run.predict(run.state, run.dataset.test_images), run.dataset.test_labels)
@@ -301,8 +334,13 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
 # Interruption: a mid-epoch checkpoint carries the partial epoch's metrics, and a resume picks them up.
 
 
+def _concatenate(losses: list) -> np.ndarray:
+    """The per-step losses of an epoch, from the calls' arrays (and a resumed epoch's host floats)."""
+    return np.concatenate([np.atleast_1d(x) for x in jax.device_get(losses)]).astype(np.float32)
+
+
 def _save_partial_epoch_and_stop(run: _Run, epoch: int, losses: list, corrects: list, signum: int) -> None:
-    step_losses = np.asarray(jax.device_get(losses))
+    step_losses = _concatenate(losses)
     check_finite(step_losses, epoch, run.steps_per_epoch, run.checkpoints, run.workdir)
     partial = {"epoch": epoch, "losses": [float(x) for x in step_losses],
                "correct": int(np.sum(jax.device_get(corrects)))}

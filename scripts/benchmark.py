@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--epoch-images", type=int, default=50_000, help="images in the timed epoch")
+    p.add_argument("--steps-per-call", type=int, help="steps per compiled call in the timed epoch "
+                   "(default: training's, 1 on CPU and the whole epoch on GPUs/TPUs)")
     p.add_argument("--json", help="write the results here (default benchmarks/<platform>-<n>dev.json)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     return p.parse_args(argv)
@@ -54,9 +56,10 @@ def bench_norm(norm, args):
     from jaxnorm.models import build_model
     from jaxnorm.evaluate import make_predict
     from jaxnorm.state import create_train_state
-    from jaxnorm.train import make_epoch_order, make_train_step
+    from jaxnorm.train import make_epoch_order, make_train_step, make_train_steps, steps_per_call
 
-    config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic").validate()
+    config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic",
+                    steps_per_call=args.steps_per_call).validate()
     data = synthetic_dataset(args.epoch_images, 10_000)
     mesh = parallel.make_mesh(config.batch_size)
     steps_per_epoch = args.epoch_images // config.batch_size
@@ -85,22 +88,26 @@ def bench_norm(norm, args):
     predict(state, data.test_images[:config.eval_batch_size])  # compile
     eval_s = timed(lambda: predict(state, data.test_images).block_until_ready(), max(1, args.repeats // 2))
 
-    # One epoch through the training loop's pattern: dispatch every step, sync for the bar every 10.
+    # One epoch as training runs it (no progress bar): calls of steps_per_call steps (1 on CPU, the whole
+    # epoch on GPUs/TPUs), the metrics fetched once at the end.
+    per_call = steps_per_call(config, steps_per_epoch)
+    train_steps = make_train_steps(config, mesh, per_call)
+
     def epoch():
         nonlocal state
-        losses = []
-        for i in range(steps_per_epoch):
-            state, metrics = step(state, images, labels, order, i)
-            losses.append(metrics["loss"])
-            if (i + 1) % 10 == 0:
-                float(np.mean(jax.device_get(losses)))
-        jax.block_until_ready(state)
+        losses, done = [], 0
+        while done < steps_per_epoch:
+            state, call_losses, _, n = train_steps(state, images, labels, order, done)
+            losses.append(call_losses)
+            done += n
+        float(np.mean(np.concatenate(jax.device_get(losses))))
 
+    state, *_ = train_steps(state, images, labels, order, 0)  # compiles a call of several steps
     epoch_s = timed(epoch, 1)
     return {"norm": norm, "batch_size": config.batch_size, "devices": mesh.devices.size,
             "compile_s": compile_s, "train_images_per_s": config.batch_size / step_s,
             "eval_images_per_s": len(data.test_images) / eval_s, "epoch_s": epoch_s,
-            "steps_sum_s": steps_per_epoch * step_s,
+            "steps_sum_s": steps_per_epoch * step_s, "steps_per_call": per_call,
             "epoch_overhead": (epoch_s - steps_per_epoch * step_s) / epoch_s}
 
 
@@ -129,7 +136,8 @@ def main(argv=None):
     with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     print(f"device: {device.device_kind} ({device.platform}) x {jax.device_count()} | jax {jax.__version__} "
           f"flax {flax.__version__} optax {optax.__version__} | python {platform.python_version()} "
-          f"| {os.cpu_count()} CPU cores | PyTorch reference: {'yes' if with_torch else 'no (not installed)'}")
+          f"| {os.cpu_count()} CPU cores | PyTorch reference: "
+          f"{'yes' if with_torch else 'no (--no-torch)' if args.no_torch else 'no (not installed)'}")
     rows = []
     for norm in args.norm:
         rows.append(bench_norm(norm, args))
@@ -137,7 +145,7 @@ def main(argv=None):
             rows[-1]["torch"] = bench_torch(norm, args)
         print(json.dumps(rows[-1]), flush=True)
     header = ("norm", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
-              "epoch s", "sum of steps s", "overhead", "PyTorch train img/s", "PyTorch eval img/s",
+              "steps per call", "epoch s", "sum of steps s", "overhead", "PyTorch train img/s", "PyTorch eval img/s",
               "train jaxnorm/PyTorch")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -146,7 +154,7 @@ def main(argv=None):
               f"{r['train_images_per_s'] / t['train_images_per_s']:.2f}x") if t else "- | - | -"
         lines.append(f"| {r['norm']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
                      f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
-                     f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['epoch_s']:.1f} | "
+                     f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['steps_per_call']} | {r['epoch_s']:.1f} | "
                      f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} | {vs} |")
     path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE), f"{device.platform}-{jax.device_count()}dev.json")
     with open(path, "w") as f:

@@ -1,20 +1,33 @@
-"""The whole epoch as one compiled loop trains exactly as the step-by-step loop does."""
+"""Several steps per compiled call (the GPU/TPU path) train exactly as the step-by-step loop does."""
 
 import dataclasses
+import os
+import signal
 
 import jax
 import numpy as np
+import pytest
 
 from jaxnorm import parallel
+from jaxnorm import train as train_lib
+from jaxnorm.config import Config, ConfigError
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
-from jaxnorm.train import make_epoch_order, make_train_epoch, make_train_step
+from jaxnorm.train import (TrainingInterrupted, make_epoch_order, make_train_step, make_train_steps, steps_per_call,
+                           train_and_evaluate)
+
+TIMING = ("seconds", "images_per_second")
 
 
-def test_epoch_loop_matches_step_loop_including_a_resumed_epoch(tiny_data, tiny_config):
+def _close(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                           jax.device_get(a), jax.device_get(b))
+
+
+def test_calls_of_several_steps_match_the_step_loop(tiny_data, tiny_config):
     config = dataclasses.replace(tiny_config, norm="bn")
     mesh = parallel.make_mesh(config.batch_size)
-    steps = len(tiny_data.train_images) // config.batch_size
+    steps = len(tiny_data.train_images) // config.batch_size  # 4
     rep = parallel.replicated(mesh)
     images = parallel.put_replicated(tiny_data.train_images, mesh)
     labels = parallel.put_replicated(tiny_data.train_labels, mesh)
@@ -24,24 +37,51 @@ def test_epoch_loop_matches_step_loop_including_a_resumed_epoch(tiny_data, tiny_
         model = build_model(config, *tiny_data.channel_stats())
         return jax.device_put(create_train_state(model, config, tiny_data.image_shape, steps), rep)
 
-    step, epoch = make_train_step(config, mesh), make_train_epoch(config, mesh)
+    step = make_train_step(config, mesh)
     state, losses, correct = fresh(), [], 0
     for i in range(steps):
         state, metrics = step(state, images, labels, order, i)
         losses.append(float(metrics["loss"]))
         correct += int(metrics["correct"])
 
-    whole, whole_losses, whole_correct = epoch(fresh(), images, labels, order, 0)
-    np.testing.assert_allclose(np.asarray(whole_losses), losses, rtol=1e-5)
-    assert int(whole_correct) == correct
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           jax.device_get(whole.params), jax.device_get(state.params))
+    # Calls of 3 from step 0: steps 0-2 in one call, then the epoch's last step alone.
+    threes = make_train_steps(config, mesh, 3)
+    part, first3, correct3, n3 = threes(fresh(), images, labels, order, 0)
+    part, last, correct1, n1 = threes(part, images, labels, order, 3)
+    assert (n3, n1, int(part.step)) == (3, 1, steps) and int(correct3) + int(correct1) == correct
+    np.testing.assert_allclose(np.concatenate([first3, last]), losses, rtol=1e-5)
+    _close(part.params, state.params)
 
-    # Resuming mid-epoch: the first step by hand, the rest in the loop; skipped steps report loss 0.
-    resumed, first = step(fresh(), images, labels, order, 0)
-    resumed, rest_losses, _ = epoch(resumed, images, labels, order, 1)
-    assert float(rest_losses[0]) == 0.0
-    np.testing.assert_allclose(np.asarray(rest_losses[1:]), losses[1:], rtol=1e-5)
-    assert int(resumed.step) == steps
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           jax.device_get(resumed.params), jax.device_get(state.params))
+
+def test_the_default_is_one_step_per_call_on_cpu_and_a_value_is_checked():
+    assert jax.devices()[0].platform == "cpu"
+    assert steps_per_call(Config(), 390) == 1
+    assert steps_per_call(Config(steps_per_call=1000), 390) == 390  # never more than an epoch
+    with pytest.raises(ConfigError, match="--steps-per-call must be positive"):
+        Config(steps_per_call=0).validate()
+
+
+def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny_config, tmp_path, monkeypatch):
+    chunked = tiny_config.replace(steps_per_call=3, epochs=1)  # a call of 3 steps, then the epoch's last alone
+    whole = train_and_evaluate(chunked, tmp_path / "calls", dataset=tiny_data, progress=False)
+    assert [h["step"] for h in whole["history"]] == [4]
+
+    # SIGINT during the 1st call (steps 1-3): the call finishes, the checkpoint is at step 3.
+    make, calls = train_lib.make_train_steps, [0]
+
+    def signalling(config, mesh, count):
+        run = make(config, mesh, count)
+
+        def call(*args):
+            calls[0] += 1
+            if calls[0] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return run(*args)
+        return call
+    monkeypatch.setattr(train_lib, "make_train_steps", signalling)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at epoch 1, step 3"):
+        train_and_evaluate(chunked, tmp_path / "stopped", dataset=tiny_data, progress=False)
+    monkeypatch.undo()
+    resumed = train_and_evaluate(chunked, tmp_path / "stopped", resume=True, dataset=tiny_data, progress=False)
+    assert [{k: v for k, v in h.items() if k not in TIMING} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k not in TIMING} for h in whole["history"]]
