@@ -56,13 +56,13 @@ class SeedCNN(nn.Module):
 
 
 def benchmark(norm: str, batch_size: int = 128, steps: int = 20, repeats: int = 5, threads: int = 2,
-              num_images: int = 5120, eval_images: int = 10_000) -> dict:
+              num_images: int = 5120, eval_images: int = 10_000, dropout: float = 0.05) -> dict:
     """Median training and evaluation throughput (images/s) on random uint8 data."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (num_images,))
-    model = SeedCNN(norm)
+    model = SeedCNN(norm, dropout=dropout)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -97,7 +97,7 @@ def benchmark(norm: str, batch_size: int = 128, steps: int = 20, repeats: int = 
     step_s = timed(lambda: train(steps), repeats) / steps
     evaluate()
     eval_s = timed(evaluate, max(1, repeats // 2))
-    return {"norm": norm, "batch_size": batch_size, "threads": threads, "torch": torch.__version__,
+    return {"norm": norm, "batch_size": batch_size, "threads": threads, "torch": torch.__version__, "dropout": dropout,
             "num_params": sum(p.numel() for p in model.parameters()),
             "train_images_per_s": batch_size / step_s, "eval_images_per_s": eval_images / eval_s}
 
@@ -109,9 +109,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.05, help="as jaxnorm's --dropout (nn.Dropout(0) is a no-op)")
     args = p.parse_args(argv)
     for norm in args.norm:
-        print(json.dumps(benchmark(norm, args.batch_size, args.steps, args.repeats, args.threads)), flush=True)
+        print(json.dumps(benchmark(norm, args.batch_size, args.steps, args.repeats, args.threads,
+                                   dropout=args.dropout)), flush=True)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def bench_torch(norm, args):
     """The PyTorch reference for `norm` in a fresh process (its threads and ours never overlap)."""
     threads = min(os.cpu_count() or 1, 8)
     out = subprocess.run([sys.executable, TORCH_REFERENCE, "--norm", norm, "--batch-size", str(args.batch_size),
-                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(threads)],
+                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(threads),
+                          "--dropout", str(Config().dropout)],  # the same network as jaxnorm's default
                          capture_output=True, text=True)
     if out.returncode:
         print(f"warning: the PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

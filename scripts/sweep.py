@@ -5,7 +5,7 @@
     python scripts/sweep.py --data-dir DATA --time-steps 30                     # step time at each batch, then exit
     python scripts/sweep.py --dataset synthetic --epochs 1 --seeds 0 --batch-sizes 4 32 --preset narrow   # smoke test
 
-Learning rate: --lr (the batch-128 rate, default the recipe's 0.05) x B / 128, the linear scaling rule
+Learning rate: --lr (the batch-128 rate, default the recipe's 0.1) x B / 128, the linear scaling rule
 the GroupNorm paper used; every batch size trains --epochs epochs (the same images seen). BatchNorm is
 evaluated with its running averages and with the statistics of test batches of the training batch size.
 

@@ -126,5 +126,5 @@ def test_decaying_schedules_warm_up_peak_and_end_at_zero(schedule, warmup):
 
 
 def test_step_schedule_is_torch_steplr():
-    lr = learning_rate_schedule(Config(lr=0.1, lr_step_epochs=3, lr_gamma=0.5), steps_per_epoch=4)
+    lr = learning_rate_schedule(Config(lr=0.1, schedule="step", lr_step_epochs=3, lr_gamma=0.5), steps_per_epoch=4)
     assert [float(lr(e * 4)) for e in range(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])
