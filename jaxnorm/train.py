@@ -5,12 +5,13 @@
     train_and_evaluate(Config(norm="gn"), "checkpoints/gn")
 
 The dataset lives on the devices for the whole run. Each epoch draws a permutation on the device;
-each step gathers its batch from it, augments it and updates the state inside one compiled call.
+each step gathers its batch from it, augments it and updates the state inside a compiled call of
+`--steps-per-call` steps (one on CPU, the whole epoch on GPUs and TPUs: `make_train_steps`).
 
 `train_and_evaluate` starts or resumes the run (`_start_or_resume`), then trains epoch after epoch
 (`_train_epoch`); the interruption path and the partial epoch it leaves have a section of their own.
 
-Interruptions: SIGINT/SIGTERM finish the current step, save a (mid-epoch) checkpoint and raise
+Interruptions: SIGINT/SIGTERM finish the current call, save a (mid-epoch) checkpoint and raise
 `TrainingInterrupted`; the checkpoint's meta carries the partial epoch's per-step losses and correct
 count, so a resumed run ends with exactly the metrics of an uninterrupted one. A non-finite loss
 raises `TrainingError` without saving the bad state.
