@@ -177,8 +177,8 @@ class Config:
                      "lr_step_epochs", "groups", "crop_padding"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if not 0 <= self.warmup_epochs <= self.epochs:  # = --epochs: a smoke run that only warms up
+            raise ConfigError(f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:

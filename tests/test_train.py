@@ -73,7 +73,8 @@ def test_checkpoint_restore_gives_identical_evaluation(norm, tiny_config, tiny_d
 
 
 def test_resume_continues_step_schedule_and_history(tiny_config, tiny_data, tmp_path):
-    config = tiny_config.replace(epochs=3)
+    # The step schedule does not depend on --epochs, so a 1-epoch run resumed to 3 is the 3-epoch run.
+    config = tiny_config.replace(epochs=3, schedule="step")
     straight = train_and_evaluate(config, tmp_path / "straight", dataset=tiny_data, progress=False)
     train_and_evaluate(config.replace(epochs=1), tmp_path / "resumed", dataset=tiny_data, progress=False)
     resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_data, progress=False)
@@ -123,6 +124,13 @@ def test_decaying_schedules_warm_up_peak_and_end_at_zero(schedule, warmup):
     assert np.all(np.diff(values[peak:]) <= 1e-7)  # never rises after the peak
     if warmup:
         assert values[0] == 0.0 and np.all(np.diff(values[:peak + 1]) > 0)
+
+
+def test_a_run_as_short_as_its_warm_up_only_warms_up():
+    lr = learning_rate_schedule(Config(epochs=1).validate(), steps_per_epoch=4)  # the default 1-epoch warm-up
+    assert [float(lr(i)) for i in range(4)] == pytest.approx([0.0, 0.025, 0.05, 0.075])
+    with pytest.raises(ConfigError, match=r"--warmup-epochs must be in \[0, --epochs\], got 2"):
+        Config(epochs=1, warmup_epochs=2.0).validate()
 
 
 def test_step_schedule_is_torch_steplr():
