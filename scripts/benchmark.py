@@ -155,7 +155,8 @@ def main(argv=None):
               f"{r['train_images_per_s'] / t['train_images_per_s']:.2f}x") if t else "- | - | -"
         lines.append(f"| {r['norm']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
                      f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
-                     f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['steps_per_call']} | {r['epoch_s']:.1f} | "
+                     f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['steps_per_call']} | "
+                     f"{r['epoch_s']:.1f} | "
                      f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} | {vs} |")
     path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE), f"{device.platform}-{jax.device_count()}dev.json")
     with open(path, "w") as f:

@@ -7,7 +7,8 @@
 
 Writes evaluation.json, misclassified.png and curves.png (the run's whole history) into the run
 folder. A run trained with random flips is also measured with test-time flip averaging (each test
-image and its mirror image, logits averaged), reported on its own line. Checkpoints written on a GPU, a TPU or several devices restore on one CPU.
+image and its mirror image, logits averaged), reported on its own line. Checkpoints written on a GPU,
+a TPU or several devices restore on one CPU.
 """
 
 from pathlib import Path

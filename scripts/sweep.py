@@ -32,7 +32,8 @@ def parse_args(argv=None):
     s.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 8, 16, 32, 64, 128],
                    help="(default 2 4 8 16 32 64 128)")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default 0 1 2)")
-    s.add_argument("--data-label", help="the data's name in the report and figure (default: from the data, e.g. CIFAR-10 (JPEG copy))")
+    s.add_argument("--data-label", help="the data's name in the report and figure (default: from the data, "
+                   "e.g. CIFAR-10 (JPEG copy))")
     s.add_argument("--runs", help="folder of the run folders (default checkpoints/sweep/<dataset name>)")
     s.add_argument("--out", help="report folder (default results/<dataset name>)")
     s.add_argument("--time-steps", type=int, metavar="N",

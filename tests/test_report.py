@@ -185,7 +185,8 @@ def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp
                 "seconds": 2.0}]
     config = Config(schedule="linear", warmup_epochs=1, nesterov=True, dropout=0.0, lr=0.1, crop=True)
     records = {"ln": [{"config": config.replace(norm="ln", seed=s).to_dict(), "num_params": 34872, "history": history,
-                       "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}} for s, a in ((0, .7), (1, .8))]}
+                       "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}}
+                      for s, a in ((0, .7), (1, .8))]}
     text = write_study(records, data, tmp_path, dataset_key="cifar10").read_text()
     assert "Data: CIFAR-10 (JPEG copy) (50,000 training" in text
     assert "SGD Nesterov momentum 0.9, lr 0.1 (1-epoch linear warm-up, then linear decay to 0)" in text
