@@ -27,8 +27,11 @@ DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
 
 
 def config(norm):
+    # The seeds' gentler recipe: at lr 0.1 with Nesterov, 8 tiny steps amplify float32 reduction-order
+    # differences between device counts to ~2e-3 in the test loss, beyond the comparison's tolerance.
     return Config(norm=norm, dataset="synthetic", width=8, transition_width=8, groups=4, batch_size=16,
-                  epochs=2, eval_batch_size=32)
+                  epochs=2, eval_batch_size=32, lr=0.05, schedule="step", warmup_epochs=0.0, nesterov=False,
+                  dropout=0.05)
 
 
 def one_step(norm):
