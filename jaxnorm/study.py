@@ -139,8 +139,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     data = describe_data(dataset_key, dataset)
     plot_curves({f"{NORM_NAMES[r['norm']]}{extra}": [x["history"] for x in records[r["norm"]]]
                  for r in rows}, out / f"curves{suffix}.png",
-                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | "
-                      + data.replace("**", "").replace("`", "").split(" (")[0])  # the data's name, not its path
+                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | {data_title(dataset_key, dataset)}"
+                      + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
     lines = [f"# Normalisation study{f' ({extra[3:]})' if extra else ''}", "",
              f"Data: {data}.", ""]
     if command:
@@ -149,10 +149,11 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
            else f"Seed CNN (width {config['width']}/{config['transition_width']})")
     flip_average = all(len(r["final_test_flip_average"]) == len(r["seeds"]) for r in rows)
     lines += [f"{net}{extra}; {Config.from_dict(config).recipe()}; seeds "
-              f"{', '.join(map(str, rows[0]['seeds']))} ({len(rows[0]['seeds'])} runs per norm). Accuracies: mean "
-              "± sample standard deviation over the seeds. Train accuracy is measured during each epoch "
-              "(augmented, with dropout); test accuracy after it, on the plain test images (no test-time "
-              "augmentation). *Best* is the highest epoch; *final* the last."
+              f"{', '.join(map(str, rows[0]['seeds']))} ({len(rows[0]['seeds'])} run"
+              f"{'s' if len(rows[0]['seeds']) > 1 else ''} per norm). Accuracies: mean ± sample standard "
+              "deviation over the seeds. Train accuracy is measured during each epoch (on augmented images"
+              f"{', with dropout' if config['dropout'] else ''}); test accuracy after it, on the plain test "
+              "images (no test-time augmentation). *Best* is the highest epoch; *final* the last."
               + (" *Final test, flip-averaged*: the last checkpoint with test-time flip averaging (the logits "
                  "of each test image and its mirror image averaged)." if flip_average else "")
               + " Wall time: training seconds per run (compilation and per-epoch evaluation included), mean "
