@@ -38,6 +38,10 @@ DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
 
+# What runs saved before a field existed did, for `Config.from_dict`: the step schedule without warm-up
+# or Nesterov, crops by 4 pixels.
+SAVED_BEFORE_THE_FIELD = {"schedule": "step", "warmup_epochs": 0.0, "nesterov": False, "crop_padding": 4}
+
 # What a field is to a run (field metadata "role"):
 IDENTITY = "identity"  # the model and data: resuming with another value is refused
 RECIPE = "recipe"      # how it is trained: a resumed run may change it; a study's reused runs must match
@@ -162,8 +166,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        """A saved config; a field it lacks (saved before the field existed) takes the value such runs
+        used (`SAVED_BEFORE_THE_FIELD`), not today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**SAVED_BEFORE_THE_FIELD, **{k: v for k, v in values.items() if k in known}})
 
     def validate(self) -> "Config":
         """Raise ConfigError for anything that would fail later; returns self for chaining."""

@@ -45,6 +45,13 @@ def test_options_map_onto_the_dataset_defaults_and_the_preset():
     assert (narrow.width, narrow.transition_width) == (16, 8)  # an explicit width wins over the preset
 
 
+def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
+    old = {k: v for k, v in Config().to_dict().items() if k not in ("schedule", "warmup_epochs", "nesterov")}
+    restored = Config.from_dict(old)
+    assert (restored.schedule, restored.warmup_epochs, restored.nesterov) == ("step", 0.0, False)
+    assert Config.from_dict(Config().to_dict()) == Config()  # a config saved today comes back as it was
+
+
 def test_width_zero_is_an_error_not_the_preset_width():
     with pytest.raises(ConfigError, match="--width must be positive, got 0"):
         _config("--width", "0")
