@@ -268,11 +268,11 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
             "num_params": num_params, "class_names": list(dataset.class_names),
             "image_shape": list(dataset.image_shape), "data_source": dataset.source,
             "steps_per_epoch": steps_per_epoch}
+    per_call = steps_per_call(config, steps_per_epoch)
     return _Run(config, workdir, checkpoints, dataset, steps_per_epoch, state, history, partial, meta, num_params,
                 images=parallel.put_replicated(dataset.train_images, mesh),
                 labels=parallel.put_replicated(dataset.train_labels, mesh),
-                train_steps=make_train_steps(config, mesh, steps_per_call(config, steps_per_epoch)),
-                steps_per_call=steps_per_call(config, steps_per_epoch),
+                train_steps=make_train_steps(config, mesh, per_call), steps_per_call=per_call,
                 epoch_order=make_epoch_order(config, mesh, num_train),
                 predict=make_predict(mesh, config.eval_batch_size),
                 schedule=learning_rate_schedule(config, steps_per_epoch))
