@@ -16,6 +16,12 @@ from jaxnorm.config import ConfigError
 ENV = "JAXNORM_CPU_DEVICES"
 MAX_DEFAULT = 8  # beyond this, more devices mostly add collective overhead to a 128-image batch
 
+# XLA:CPU aborts the process (SIGABRT, no Python error) when one CPU device waits more than 40 s for the
+# others at a collective: on a loaded machine (a test suite beside a run) the devices' threads fall that
+# far apart, and a 20-minute run died at its first step. Waiting longer costs nothing (the thread sleeps).
+COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
 
 def cpu_device_count() -> int:
     """How many CPU devices to make: $JAXNORM_CPU_DEVICES, else one per core (at most 8)."""
@@ -47,4 +53,8 @@ def setup_cpu_devices() -> int | None:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
         return None  # backends already initialised (jax was used first): keep them as they are
+    flags = os.environ.get("XLA_FLAGS", "")
+    patient = [f for f in COLLECTIVE_TIMEOUT_FLAGS if f.split("=")[0] not in flags]  # the user's value wins
+    if count > 1 and patient:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *patient]).strip()  # read when the backend starts
     return count

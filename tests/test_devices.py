@@ -67,3 +67,48 @@ def test_a_bad_device_count_stops_a_script_with_one_line(monkeypatch):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: JAXNORM_CPU_DEVICES must be a whole number of devices "
                                                   ">= 1, not 'two'"]
+
+
+# Device 0 reaches a cross-device sum `seconds` after device 1 (a loaded machine, in miniature).
+STALL = """
+import os, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jaxnorm
+jaxnorm.setup_cpu_devices()
+mesh = Mesh(np.array(jax.devices()), ("d",))
+def late(x):
+    if x.ravel()[0] == 0:
+        time.sleep(float(sys.argv[1]))
+    return x
+def total(x):
+    y = jax.shard_map(lambda b: jax.pure_callback(late, jax.ShapeDtypeStruct(b.shape, b.dtype), b), mesh=mesh,
+                      in_specs=P("d"), out_specs=P("d"))(x)
+    return jnp.sum(y)
+x = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, P("d")))
+print(os.environ.get("XLA_FLAGS"), float(jax.jit(total)(x)))
+"""
+
+
+def stall(seconds, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_DEVICES")}
+    return subprocess.run([sys.executable, "-c", STALL, str(seconds)], capture_output=True, text=True, timeout=120,
+                          env={**clean, "JAX_PLATFORMS": "cpu", "JAXNORM_CPU_DEVICES": "2", **env})
+
+
+def test_setup_makes_xla_wait_for_a_late_device_instead_of_aborting():
+    # XLA:CPU aborts the process when a device is ~60 s late at a collective (a 20-minute run died so
+    # on a loaded machine). The setup raises both timeouts; XLA dies on an unknown flag, so this run
+    # also shows the flag names are XLA's.
+    result = stall(0.1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    flags, total = result.stdout.split()[:-1], float(result.stdout.split()[-1])
+    assert total == 6.0
+    assert {f.split("=")[0] for f in flags} == {"--xla_cpu_collective_call_warn_stuck_timeout_seconds",
+                                                "--xla_cpu_collective_call_terminate_timeout_seconds"}
+    # The flags are the ones that decide: with the user's 1-second timeouts (kept by the setup), a
+    # device 3 s late aborts the process.
+    short = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1 " \
+            "--xla_cpu_collective_call_terminate_timeout_seconds=1"
+    result = stall(3, XLA_FLAGS=short)
+    assert result.returncode != 0 and "Termination timeout" in result.stderr
