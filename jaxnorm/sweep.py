@@ -33,7 +33,7 @@ from jaxnorm.figures import plot_sweep
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
 from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
-from jaxnorm.train import make_epoch_order, make_train_step
+from jaxnorm.train import epoch_calls, make_epoch_order, make_train_step, one_step_calls
 from jaxnorm.utils import quiet_absl, read_history, write_json
 
 REFERENCE_BATCH = 128  # the batch the default learning rate belongs to
@@ -241,17 +241,17 @@ def time_steps(base: Config, dataset: Dataset, batch_sizes: Sequence[int], steps
                                parallel.replicated(mesh))
         images = parallel.put_replicated(dataset.train_images, mesh)
         labels = parallel.put_replicated(dataset.train_labels, mesh)
-        step = make_train_step(config, mesh)
+        step = one_step_calls(make_train_step(config, mesh))
         order = make_epoch_order(config, mesh, len(dataset.train_images))(0)
         n = min(steps, steps_per_epoch)
-        state, metrics = step(state, images, labels, order, 0)  # compile
-        jax.block_until_ready(metrics)
+        state, losses, _, _ = step(state, images, labels, order, 0)  # compile
+        jax.block_until_ready(losses)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            for i in range(n):
-                state, metrics = step(state, images, labels, order, i)
-            jax.block_until_ready(metrics)
+            for state, losses, _, _ in epoch_calls(step, state, images, labels, order, 0, n):
+                pass
+            jax.block_until_ready(losses)
             times.append((time.perf_counter() - start) / n)
         seconds = statistics.median(times)
         rows.append({"batch_size": b, "devices": mesh.devices.size, "step_ms": 1000 * seconds,

@@ -19,6 +19,7 @@ raises `TrainingError` without saving the bad state.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -79,18 +80,21 @@ def make_train_step(config: Config, mesh):
                    donate_argnums=(0,))
 
 
+def one_step_calls(train_step):
+    """`train_step` (make_train_step's) as make_train_steps' train_steps with one step per call."""
+    def one_step(state, images, labels, order, start):
+        state, metrics = train_step(state, images, labels, order, start)
+        return state, metrics["loss"][None], metrics["correct"], 1
+    return one_step
+
+
 def make_train_steps(config: Config, mesh, count: int):
     """train_steps(state, images, labels, order, start) -> (state, losses, correct, n): the next
     n = min(count, steps left) steps of the epoch `order` from step `start`. `count` steps run as ONE
     compiled call (`lax.scan`); a shorter tail of the epoch runs step by step. `losses` holds each
     step's loss, `correct` the summed count. The same updates as calling train_step for each step.
     On a GPU or TPU one call per epoch keeps the device busy without Python dispatching 390 steps."""
-    step = make_train_step(config, mesh)
-
-    def one_step(state, images, labels, order, start):
-        state, metrics = step(state, images, labels, order, start)
-        return state, metrics["loss"][None], metrics["correct"], 1
-
+    one_step = one_step_calls(make_train_step(config, mesh))
     if count == 1:
         return one_step
     step_fn = _train_step_fn(config, mesh)
@@ -114,6 +118,29 @@ def make_train_steps(config: Config, mesh, count: int):
             return one_step(state, images, labels, order, start)
         return (*compiled(state, images, labels, order, start), count)
     return train_steps
+
+
+# XLA:CPU with several devices can deadlock when hundreds of multi-device steps are queued: an
+# all-reduce waits for a device that never comes, and XLA aborts the process. Three 20-epoch runs died so
+# at the start of epoch 1 or 2 (once per epoch, training queued the whole epoch). Waiting for the call
+# before last keeps one call running and one queued: the devices never idle, and the queue stays short.
+MAX_CALLS_IN_FLIGHT = 2
+
+
+def epoch_calls(train_steps, state, images, labels, order, start: int = 0, end: Optional[int] = None):
+    """Run steps `start`..`end` (default: the epoch's last) of the epoch `order` in calls of
+    `train_steps` (see make_train_steps), at most MAX_CALLS_IN_FLIGHT calls queued; yields
+    (state, losses, correct, done) after each call, `done` the steps of the epoch taken so far."""
+    end = len(order) if end is None else end
+    in_flight = collections.deque()
+    done = start
+    while done < end:
+        state, losses, correct, n = train_steps(state, images, labels, order, done)
+        done += n
+        in_flight.append(losses)
+        if len(in_flight) > MAX_CALLS_IN_FLIGHT:
+            in_flight.popleft().block_until_ready()
+        yield state, losses, correct, done
 
 
 def steps_per_call(config: Config, steps_per_epoch: int) -> int:
@@ -287,14 +314,14 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
     start = time.perf_counter()
     bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, initial=first, total=steps, unit="step",
                disable=not progress or jax.process_index() != 0)
-    done = first
     bar_sums, fetched = [0.0, 0], [len(losses), len(corrects)]  # the bar's loss and correct sums; read so far
-    while done < steps:
-        run.state, call_losses, call_correct, n = run.train_steps(run.state, run.images, run.labels, order, done)
+    previous = first
+    for run.state, call_losses, call_correct, done in epoch_calls(run.train_steps, run.state, run.images,
+                                                                  run.labels, order, first):
         losses.append(call_losses)
         corrects.append(call_correct)
-        done += n
-        bar.update(n)
+        bar.update(done - previous)
+        previous = done
         # Sync points, the same on every host: each call's end, or every 10th step of one-step calls.
         sync = run.steps_per_call > 1 or done % 10 == 0 or done == steps
         stop_now = stop.agreed(sync_point=sync)

@@ -35,7 +35,10 @@ def parse_args(argv=None):
                    "(default: training's, 1 on CPU and the whole epoch on GPUs/TPUs)")
     p.add_argument("--json", help="write the results here (default benchmarks/<platform>-<n>dev.json)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.steps <= args.epoch_images // args.batch_size:
+        p.error(f"--steps must be in 1..{args.epoch_images // args.batch_size} (the steps of one --epoch-images epoch)")
+    return args
 
 
 def timed(fn, repeats):
@@ -56,7 +59,8 @@ def bench_norm(norm, args):
     from jaxnorm.models import build_model
     from jaxnorm.evaluate import make_predict
     from jaxnorm.state import create_train_state
-    from jaxnorm.train import make_epoch_order, make_train_step, make_train_steps, steps_per_call
+    from jaxnorm.train import (epoch_calls, make_epoch_order, make_train_step, make_train_steps, one_step_calls,
+                               steps_per_call)
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic",
                     steps_per_call=args.steps_per_call).validate()
@@ -74,14 +78,15 @@ def bench_norm(norm, args):
     start = time.perf_counter()
     step = step.lower(state, images, labels, order, 0).compile()
     compile_s = time.perf_counter() - start
+    one_step = one_step_calls(step)
 
     def run(n):
         nonlocal state
-        for i in range(n):
-            state, metrics = step(state, images, labels, order, i % steps_per_epoch)
-        jax.block_until_ready((state, metrics))
+        for state, losses, _, _ in epoch_calls(one_step, state, images, labels, order, 0, n):
+            pass
+        jax.block_until_ready((state, losses))
 
-    run(3)  # warm-up
+    run(min(3, steps_per_epoch))  # warm-up
     step_s = timed(lambda: run(args.steps), args.repeats) / args.steps
 
     predict = make_predict(mesh, config.eval_batch_size)
@@ -95,11 +100,9 @@ def bench_norm(norm, args):
 
     def epoch():
         nonlocal state
-        losses, done = [], 0
-        while done < steps_per_epoch:
-            state, call_losses, _, n = train_steps(state, images, labels, order, done)
+        losses = []
+        for state, call_losses, _, _ in epoch_calls(train_steps, state, images, labels, order):
             losses.append(call_losses)
-            done += n
         float(np.mean(np.concatenate(jax.device_get(losses))))
 
     state, *_ = train_steps(state, images, labels, order, 0)  # compiles a call of several steps
