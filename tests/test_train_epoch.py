@@ -85,3 +85,28 @@ def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny
     resumed = train_and_evaluate(chunked, tmp_path / "stopped", resume=True, dataset=tiny_data, progress=False)
     assert [{k: v for k, v in h.items() if k not in TIMING} for h in resumed["history"]] == \
         [{k: v for k, v in h.items() if k not in TIMING} for h in whole["history"]]
+
+
+def test_epoch_calls_keeps_at_most_two_calls_queued():
+    # A whole epoch queued at once deadlocked XLA:CPU's multi-device all-reduce; epoch_calls waits for
+    # the call before last. Fake calls of 3 steps record which calls are still unfinished when the
+    # next one is dispatched.
+    unfinished = []
+
+    class Pending:
+        def __init__(self, index):
+            self.index = index
+
+        def block_until_ready(self):
+            unfinished.remove(self.index)
+            return self
+
+    def train_steps(state, images, labels, order, start):
+        assert len(unfinished) <= train_lib.MAX_CALLS_IN_FLIGHT == 2  # queued before this call
+        unfinished.append(start)
+        n = min(3, len(order) - start)
+        return state + n, Pending(start), n, n
+
+    calls = list(train_lib.epoch_calls(train_steps, 0, None, None, order=np.zeros((10, 4)), start=1))
+    assert [(state, done) for state, _, _, done in calls] == [(3, 4), (6, 7), (9, 10)]
+    assert unfinished == [4, 7]  # the last two calls are left running: the epoch's end fetches them
