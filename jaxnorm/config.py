@@ -25,7 +25,8 @@ from jaxnorm.networks import network_layers, normalised_widths
 NORMS = ("bn", "gn", "ln")
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 SCHEDULES = ("step", "linear", "cosine")
-DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
+DATASETS = ("cifar10", "mnist", "folder", "synthetic")
+PRECISIONS = ("f32", "bf16")  # folder: train/<class>/*, test/<class>/* images
 
 # Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' recipe (15
 # epochs, batch 64, lr 0.05 x0.1 after 10 epochs, dropout 0.05); 2 groups (the largest count dividing
@@ -123,6 +124,8 @@ class Config:
                      metavar="LAMBDA")
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
     seed: int = knob(0, "same seed, same result")
+    precision: str = knob("f32", "f32, or bf16: convolutions and activations in bfloat16 (parameters, norm "
+                          "statistics, loss and updates stay float32)", choices=PRECISIONS)
     eval_batch_size: int = knob(1000, "batch of the per-epoch evaluation", role=RUNTIME)
     steps_per_call: Optional[int] = knob(
         None, "training steps per compiled call (one lax.scan); Ctrl-C and the progress bar wait for a call's "
@@ -155,6 +158,7 @@ class Config:
                  f"lr {self.lr:g} ({schedule})", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
                  ", ".join(augment) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
+        parts += ["bfloat16 compute"] if self.precision == "bf16" else []
         parts += [f"L1 {self.l1:g}"] if self.l1 else []
         return ", ".join(parts)
 

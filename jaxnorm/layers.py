@@ -34,12 +34,15 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     Other cases (strides, dilation, feature groups) fall back to `lax.conv_general_dilated`.
     """
     kh, kw, cin, cout = rhs.shape
+    # bfloat16 inputs (--precision bf16) are multiplied with float32 sums, then rounded once.
+    accumulate = jnp.float32 if lhs.dtype == jnp.bfloat16 else None
     plain = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1 and not kwargs
              and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
              and tuple(dimension_numbers or ()) == _NHWC_HWIO)
     if not plain or (kh * kw > 1 and cin > MAX_PATCH_CHANNELS):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+                                        dimension_numbers, feature_group_count, precision=precision,
+                                        preferred_element_type=accumulate, **kwargs).astype(lhs.dtype)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
     (top, bottom), (left, right) = padding
@@ -52,7 +55,7 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         patches = jnp.concatenate([x[:, dy:dy + h, dx:dx + w, :] for dy in range(kh) for dx in range(kw)],
                                   axis=-1)
     return lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                           precision=precision)
+                           precision=precision, preferred_element_type=accumulate).astype(lhs.dtype)
 
 
 # nn.Conv with the fast convolution: the same module, parameters and initialisation.

@@ -27,17 +27,24 @@ from jaxnorm.config import Config, ConfigError
 from jaxnorm.networks import Layer, mnist_net, seed_cnn
 
 
-def norm_layer(norm: str, *, train: bool, groups: int = 8) -> Callable[..., nn.Module]:
-    """The normalisation layer for `norm`, as a constructor taking only `name=`."""
+# --precision: the dtype of convolutions and activations.
+COMPUTE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32) -> Callable[..., nn.Module]:
+    """The normalisation layer for `norm`, as a constructor taking only `name=`. `dtype` is its output's;
+    Flax computes the statistics in float32 at least."""
     if norm == "bn":
         # Running statistics live in the mutable `batch_stats` collection; evaluation uses them.
-        return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=dtype)
     if norm == "gn":
-        return functools.partial(nn.GroupNorm, num_groups=groups, epsilon=1e-5)
+        return functools.partial(nn.GroupNorm, num_groups=groups, epsilon=1e-5, dtype=dtype)
     if norm == "ln":
         # Each sample normalised over C, H and W, with a per-channel scale and bias (the seeds' choice;
         # not torch's elementwise-affine LayerNorm over C, H and W).
-        return functools.partial(nn.LayerNorm, reduction_axes=(-3, -2, -1), feature_axes=-1, epsilon=1e-5)
+        return functools.partial(nn.LayerNorm, reduction_axes=(-3, -2, -1), feature_axes=-1, epsilon=1e-5,
+                                 dtype=dtype)
     raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
 
 
@@ -57,13 +64,15 @@ class _LayerNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = self.config
-        norm = norm_layer(c.norm, train=train, groups=c.groups)
+        dtype = COMPUTE_DTYPES[c.precision]  # parameters stay float32 (Flax's param_dtype)
+        norm = norm_layer(c.norm, train=train, groups=c.groups, dtype=dtype)
         x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
+        x = x.astype(dtype)
         for layer in self.spatial_layers():
             if layer.kind in ("block", "conv"):
                 k = layer.kernel
                 y = layers.Conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
-                                name=layer.name)(x)
+                                dtype=dtype, name=layer.name)(x)
                 if layer.kind == "block":
                     y = nn.relu(norm(name=f"{layer.name}_norm")(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),
@@ -74,10 +83,10 @@ class _LayerNet(nn.Module):
             elif layer.kind == "max_pool":
                 x = nn.max_pool(x, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride))
             elif layer.kind == "avg_pool":
-                x = jnp.mean(x, axis=(1, 2), keepdims=True)
+                x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(dtype)
             else:
                 raise ValueError(f"unknown layer kind {layer.kind!r}")
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], -1).astype(jnp.float32)  # the loss and metrics in float32
 
 
 class SeedCNN(_LayerNet):

@@ -2,8 +2,9 @@
 
     python scripts/benchmark.py                           # bn, gn, ln at batch 128, table printed last
     python scripts/benchmark.py --norm gn --batch-size 256 --json bench.json
+    python scripts/benchmark.py --precision f32 bf16       # also bfloat16 compute (--precision bf16)
 
-For each norm: compile time; steady-state training throughput (median over repeats, compilation
+For each norm (and precision): compile time; steady-state training throughput (median over repeats, compilation
 excluded); evaluation throughput; and one whole epoch of --epoch-images synthetic CIFAR-sized images
 through the same loop as training, against the sum of its steps (the host overhead). When PyTorch is
 installed, the same network in PyTorch (benchmarks/torch_reference.py, CPU, NCHW, one thread per
@@ -21,12 +22,14 @@ import sys
 import time
 
 from jaxnorm.cli import OneLineParser, run_main
-from jaxnorm.config import NORMS, Config
+from jaxnorm.config import NORMS, PRECISIONS, Config
 
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     p.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS))
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["f32"],
+                   help="compute precisions to measure (bf16: bfloat16 convolutions and activations)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
@@ -50,7 +53,7 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def bench_norm(norm, args):
+def bench_norm(norm, precision, args):
     import jax
     import numpy as np
 
@@ -62,7 +65,7 @@ def bench_norm(norm, args):
     from jaxnorm.train import (epoch_calls, make_epoch_order, make_train_step, make_train_steps, one_step_calls,
                                steps_per_call)
 
-    config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic",
+    config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic", precision=precision,
                     steps_per_call=args.steps_per_call).validate()
     data = synthetic_dataset(args.epoch_images, 10_000)
     mesh = parallel.make_mesh(config.batch_size)
@@ -96,7 +99,7 @@ def bench_norm(norm, args):
     # One epoch as training runs it (no progress bar): calls of steps_per_call steps (1 on CPU, the whole
     # epoch on GPUs/TPUs), the metrics fetched once at the end.
     per_call = steps_per_call(config, steps_per_epoch)
-    train_steps = make_train_steps(config, mesh, per_call)
+    train_steps = one_step if per_call == 1 else make_train_steps(config, mesh, per_call)
 
     def epoch():
         nonlocal state
@@ -107,7 +110,7 @@ def bench_norm(norm, args):
 
     state, *_ = train_steps(state, images, labels, order, 0)  # compiles a call of several steps
     epoch_s = timed(epoch, 1)
-    return {"norm": norm, "batch_size": config.batch_size, "devices": mesh.devices.size,
+    return {"norm": norm, "precision": precision, "batch_size": config.batch_size, "devices": mesh.devices.size,
             "compile_s": compile_s, "train_images_per_s": config.batch_size / step_s,
             "eval_images_per_s": len(data.test_images) / eval_s, "epoch_s": epoch_s,
             "steps_sum_s": steps_per_epoch * step_s, "steps_per_call": per_call,
@@ -144,11 +147,14 @@ def main(argv=None):
           f"{'yes' if with_torch else 'no (--no-torch)' if args.no_torch else 'no (not installed)'}")
     rows = []
     for norm in args.norm:
-        rows.append(bench_norm(norm, args))
-        if with_torch:
-            rows[-1]["torch"] = bench_torch(norm, args)
-        print(json.dumps(rows[-1]), flush=True)
-    header = ("norm", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
+        torch = None
+        for precision in args.precision:
+            rows.append(bench_norm(norm, precision, args))
+            if with_torch and torch is None:  # float32, once per norm, right after jaxnorm's first row
+                torch = bench_torch(norm, args)
+            rows[-1]["torch"] = torch
+            print(json.dumps(rows[-1]), flush=True)
+    header = ("norm", "precision", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
               "steps per call", "epoch s", "sum of steps s", "overhead", "PyTorch train img/s", "PyTorch eval img/s",
               "train jaxnorm/PyTorch")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -156,7 +162,7 @@ def main(argv=None):
         t = r.get("torch")
         vs = (f"{t['train_images_per_s']:.0f} | {t['eval_images_per_s']:.0f} | "
               f"{r['train_images_per_s'] / t['train_images_per_s']:.2f}x") if t else "- | - | -"
-        lines.append(f"| {r['norm']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
+        lines.append(f"| {r['norm']} | {r['precision']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
                      f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
                      f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['steps_per_call']} | "
                      f"{r['epoch_s']:.1f} | "

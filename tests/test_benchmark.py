@@ -5,13 +5,19 @@ import json
 from conftest import run_script
 
 
-def test_benchmark_script_prints_and_writes_every_norm(tmp_path):
+def test_benchmark_script_prints_and_writes_every_norm_and_precision(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_script("benchmark.py", "--norm", "bn", "ln", "--batch-size", "16", "--steps", "2", "--repeats", "1",
-                        "--epoch-images", "64", "--no-torch", "--json", out)
+    result = run_script("benchmark.py", "--norm", "bn", "ln", "--precision", "bf16", "--batch-size", "16",
+                        "--steps", "2", "--repeats", "1", "--epoch-images", "64", "--no-torch", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     rows = rows.get("results", rows) if isinstance(rows, dict) else rows
-    assert [r["norm"] for r in rows] == ["bn", "ln"]
+    assert [(r["norm"], r["precision"]) for r in rows] == [("bn", "bf16"), ("ln", "bf16")]
     assert all(r["train_images_per_s"] > 0 for r in rows)
-    assert "| bn |" in result.stdout and "| ln |" in result.stdout
+    assert "| bn | bf16 |" in result.stdout and "| ln | bf16 |" in result.stdout
+
+
+def test_benchmark_refuses_more_timed_steps_than_an_epoch_has():
+    result = run_script("benchmark.py", "--batch-size", "16", "--steps", "5", "--epoch-images", "64", "--no-torch")
+    assert result.returncode == 2
+    assert "--steps must be in 1..4" in result.stderr.strip().splitlines()[-1]
