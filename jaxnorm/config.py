@@ -25,8 +25,8 @@ from jaxnorm.networks import network_layers, normalised_widths
 NORMS = ("bn", "gn", "ln")
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 SCHEDULES = ("step", "linear", "cosine")
-DATASETS = ("cifar10", "mnist", "folder", "synthetic")
-PRECISIONS = ("f32", "bf16")  # folder: train/<class>/*, test/<class>/* images
+DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
+PRECISIONS = ("f32", "bf16")
 
 # Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' recipe (15
 # epochs, batch 64, lr 0.05 x0.1 after 10 epochs, dropout 0.05); 2 groups (the largest count dividing

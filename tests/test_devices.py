@@ -97,9 +97,8 @@ def stall(seconds, **env):
 
 
 def test_setup_makes_xla_wait_for_a_late_device_instead_of_aborting():
-    # XLA:CPU aborts the process when a device is ~60 s late at a collective (a 20-minute run died so
-    # on a loaded machine). The setup raises both timeouts; XLA dies on an unknown flag, so this run
-    # also shows the flag names are XLA's.
+    # XLA:CPU aborts the process when a device is about a minute late at a collective. The setup raises
+    # both timeouts; XLA dies on an unknown flag, so this run also shows the flag names are XLA's.
     result = stall(0.1)
     assert result.returncode == 0, result.stderr[-2000:]
     flags, total = result.stdout.split()[:-1], float(result.stdout.split()[-1])
