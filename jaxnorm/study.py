@@ -157,8 +157,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
               "images (no test-time augmentation). *Best* is the highest epoch; *final* the last."
               + (" *Final test, flip-averaged*: the last checkpoint with test-time flip averaging (the logits "
                  "of each test image and its mirror image averaged)." if flip_average else "")
-              + " Wall time: training seconds per run (compilation and per-epoch evaluation included), mean "
-              "over seeds.", "",
+              + " Wall time: training seconds per run, compilation included (the per-epoch test evaluation and "
+              "data loading not), mean over seeds.", "",
               "| norm | parameters | final train | final test | best train | best test | "
               + ("final test, flip-averaged | " if flip_average else "") + "epochs | wall time (s) |",
               "|---|---:|---:|---:|---:|---:|" + ("---:|" if flip_average else "") + "---:|---:|"]
