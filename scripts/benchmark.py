@@ -4,11 +4,11 @@
     python scripts/benchmark.py --norm gn --batch-size 256 --json bench.json
     python scripts/benchmark.py --precision f32 bf16       # also bfloat16 compute (--precision bf16)
 
-For each norm (and precision): compile time; steady-state training throughput (median over repeats, compilation
-excluded); evaluation throughput; and one whole epoch of --epoch-images synthetic CIFAR-sized images
-through the same loop as training, against the sum of its steps (the host overhead). When PyTorch is
+For each norm (and precision): compile time; steady-state training throughput (median over repeats,
+compilation excluded); evaluation throughput; and one whole epoch of --epoch-images synthetic CIFAR-sized
+images through the same loop as training, against the sum of its steps (the host overhead). When PyTorch is
 installed, the same network in PyTorch (benchmarks/torch_reference.py, CPU, NCHW, one thread per
-core) is measured right after each norm, in a subprocess so the two thread pools never compete, and
+core, float32) is measured once per norm, in a subprocess so the two thread pools never compete, and
 the table shows jaxnorm / PyTorch. Results go to --json (default benchmarks/<platform>-<n>dev.json).
 """
 
@@ -39,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the results here (default benchmarks/<platform>-<n>dev.json)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     args = p.parse_args(argv)
-    if not 0 < args.steps <= args.epoch_images // args.batch_size:
-        p.error(f"--steps must be in 1..{args.epoch_images // args.batch_size} (the steps of one --epoch-images epoch)")
+    epoch_steps = args.epoch_images // args.batch_size
+    if not 0 < args.steps <= epoch_steps:
+        p.error(f"--steps must be in 1..{epoch_steps} (the steps of one --epoch-images epoch)")
     return args
 
 
