@@ -85,7 +85,7 @@ def test_unknown_norm_is_rejected():
         build_model(Config(norm="xn"))
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+@pytest.mark.parametrize("norm", ["bn"])  # the norm whose gradient bfloat16 moves most; one keeps the suite short
 def test_bf16_computes_in_bfloat16_and_keeps_float32_parameters_and_gradients(norm):
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, 16, 16, 3), maxval=255)  # 16x16: a faster test
     y = jnp.arange(8) % 10

@@ -19,8 +19,7 @@ def _setup(config, data):
     return mesh, state
 
 
-@pytest.mark.parametrize("norm,precision", [("bn", "f32"), ("gn", "f32"), ("ln", "f32"), ("bn", "bf16"),
-                                            ("gn", "bf16"), ("ln", "bf16")])
+@pytest.mark.parametrize("norm,precision", [("bn", "f32"), ("gn", "f32"), ("ln", "f32"), ("bn", "bf16")])
 def test_a_few_steps_drive_the_loss_down(norm, precision, tiny_config, tiny_data):
     config = tiny_config.replace(norm=norm, batch_size=32, lr=0.1, schedule="step",  # no decay to 0 in 20 steps
                                  precision=precision)
