@@ -111,3 +111,33 @@ def test_setup_makes_xla_wait_for_a_late_device_instead_of_aborting():
             "--xla_cpu_collective_call_terminate_timeout_seconds=1"
     result = stall(3, XLA_FLAGS=short)
     assert result.returncode != 0 and "Termination timeout" in result.stderr
+
+
+# A jitted function whose one temporary buffer (64 MB) is above glibc's largest mmap threshold (32 MB).
+PAGE_FAULTS = """
+import json, resource
+import jaxnorm
+reused = jaxnorm.devices.reuse_freed_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.outer(x, x)) @ x))  # the 4096 x 4096 product is the temporary
+x = jnp.ones(4096)
+for _ in range(20):  # the heap grows to fit the blocks' pattern, then stops
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print(json.dumps({"reused": reused, "faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_reusing_freed_memory_stops_page_faults_on_every_call():
+    def faults(**env):
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    default, opted_out = faults(), faults(JAXNORM_REUSE_MEMORY="0")
+    assert opted_out["reused"] is False and opted_out["faults_per_call"] > 10_000  # 64 MB of 4 KB pages
+    assert default["reused"] is True and default["faults_per_call"] < 1_000
