@@ -1,4 +1,5 @@
-"""Fast drop-in pieces for the CPU: convolutions as shifted slices + one matrix multiply.
+"""Fast drop-in pieces for the CPU: convolutions as shifted slices + one matrix multiply, and max
+pooling as a reshape and a max.
 
 XLA's CPU convolution (Eigen's spatial convolution) is slow for the seed network's small shapes
 (24 channels, 3x3), and slower still in the backward pass. The same convolution written as nine
@@ -60,3 +61,21 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
 
 # nn.Conv with the fast convolution: the same module, parameters and initialisation.
 Conv = functools.partial(nn.Conv, conv_general_dilated=patch_conv)
+
+
+def max_pool(x, window: int, stride: int):
+    """`nn.max_pool(x, (window, window), strides=(stride, stride))` ("VALID"), NHWC.
+
+    Where the windows tile the input (stride == window, the seed networks' 2x2 pools) it is a reshape
+    and a max over the window axes: the same forward, and a gradient JAX derives elementwise (a mask of
+    each window's maximum), which XLA fuses. JAX differentiates `reduce_window` instead through a
+    reduction that carries int32 indices of every element plus a scatter: about a fifth of a training
+    step on the CPU (benchmarks/NOTES.md). The one difference: a window with tied maxima shares the
+    gradient between them instead of giving it to one.
+    """
+    if stride != window:
+        return nn.max_pool(x, (window, window), strides=(stride, stride))
+    n, h, w, c = x.shape
+    h, w = h // window, w // window  # "VALID": a partial window at the edge is dropped
+    x = x[:, :h * window, :w * window, :].reshape(n, h, window, w, window, c)
+    return x.max(axis=(2, 4))

@@ -81,7 +81,7 @@ class _LayerNet(nn.Module):
                         y = x + y
                 x = y
             elif layer.kind == "max_pool":
-                x = nn.max_pool(x, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride))
+                x = layers.max_pool(x, layer.kernel, layer.stride)
             elif layer.kind == "avg_pool":
                 x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(dtype)
             else:

@@ -1,4 +1,5 @@
-"""The fast convolution is nn.Conv: same parameters, same outputs and gradients up to float32 rounding."""
+"""The fast convolution is nn.Conv and the fast max pool is nn.max_pool: same parameters, same outputs and
+gradients up to float32 rounding."""
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,23 @@ def test_fast_conv_matches_nn_conv_forward_and_gradient(cin, kernel, padding, bi
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_fast, g_plain)
 
 
+@pytest.mark.parametrize("shape,window,stride", [((4, 8, 8, 3), 2, 2), ((2, 7, 9, 5), 2, 2), ((2, 9, 9, 2), 3, 3),
+                                                 ((2, 8, 8, 2), 3, 2)])
+def test_fast_max_pool_matches_nn_max_pool_forward_and_gradient(shape, window, stride):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)  # no ties
+    fast = lambda x: layers.max_pool(x, window, stride)
+    plain = lambda x: nn.max_pool(x, (window, window), strides=(stride, stride))
+    np.testing.assert_array_equal(fast(x), plain(x))
+    grad = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)  # a different cotangent per window
+    np.testing.assert_array_equal(grad(fast), grad(plain))
+
+
+def test_fast_max_pool_shares_a_tied_windows_gradient():
+    x = jnp.zeros((1, 2, 2, 1)).at[0, 0, 0, 0].set(-1.0)  # three tied maxima (0) in one window
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2, 2)))(x)
+    np.testing.assert_allclose(g[0, :, :, 0], [[0, 1 / 3], [1 / 3, 1 / 3]])  # summed: the window's 1
+
+
 @pytest.mark.parametrize("norm", ["bn", "ln"])
 def test_seed_network_with_fast_convs_matches_nn_conv(norm, monkeypatch):
     # Small widths keep it fast; every conv kind of the seed network is there (RGB 3x3, 3x3, 1x1).
@@ -39,7 +57,9 @@ def test_seed_network_with_fast_convs_matches_nn_conv(norm, monkeypatch):
     x = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3), maxval=255)
     fast_vars = model.init(jax.random.PRNGKey(0), x)
     fast_logits, fast_grads = _logits_and_grads(model, fast_vars, x)
-    monkeypatch.setattr(layers, "Conv", nn.Conv)  # the model as it was, with flax's own convolution
+    # The model as it was, with flax's own convolution and max pool.
+    monkeypatch.setattr(layers, "Conv", nn.Conv)
+    monkeypatch.setattr(layers, "max_pool", lambda x, k, s: nn.max_pool(x, (k, k), strides=(s, s)))
     plain_vars = model.init(jax.random.PRNGKey(0), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, fast_vars, plain_vars)
     plain_logits, plain_grads = _logits_and_grads(model, plain_vars, x)
