@@ -13,7 +13,7 @@ from jaxnorm.models import build_model
 
 
 @pytest.mark.parametrize("cin,kernel,padding,bias", [(3, 3, 1, False), (2, 3, 0, True), (8, 1, 0, True),
-                                                     (16, 3, 1, False)])
+                                                     (16, 3, 1, False), (12, 3, 0, True)])
 def test_fast_conv_matches_nn_conv_forward_and_gradient(cin, kernel, padding, bias):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, cin))
     fast = layers.Conv(5, (kernel, kernel), padding=padding, use_bias=bias)
