@@ -1,6 +1,7 @@
 """Per-HLO-op time of one training step (jax.profiler trace, CPU thunk events), one CPU device.
 
     python benchmarks/profile_step.py bn train     # or: gn eval, ...
+    B=64 python benchmarks/profile_step.py bn train  # batch 64: one device's share of 128 on two devices
 """
 import collections, glob, os, shutil, sys, tempfile
 os.environ.setdefault("JAXNORM_CPU_DEVICES", "1")
@@ -14,8 +15,8 @@ from jaxnorm.models import build_model, init_variables
 norm, what = sys.argv[1], sys.argv[2]
 model = build_model(Config(norm=norm, dataset="synthetic"))
 v = init_variables(model, (32, 32, 3))
-x = jax.random.uniform(jax.random.PRNGKey(0), (128, 32, 32, 3), maxval=255)
-y = jax.random.randint(jax.random.PRNGKey(1), (128,), 0, 10)
+x = jax.random.uniform(jax.random.PRNGKey(0), (int(os.environ.get("B", 128)), 32, 32, 3), maxval=255)
+y = jax.random.randint(jax.random.PRNGKey(1), (int(os.environ.get("B", 128)),), 0, 10)
 def loss(params):
     logits, _ = model.apply({**v, "params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

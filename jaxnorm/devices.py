@@ -3,8 +3,10 @@
 XLA's CPU convolutions keep only about 1.4 of 2 cores busy; the same step data-parallel over one
 device per core (through the mesh in `jaxnorm.parallel`, which also serves GPUs and TPUs) ran about
 1.45x faster here and trains the same model (benchmarks/NOTES.md). GPUs and TPUs are unaffected: the
-setting only shapes the CPU backend. The scripts call `setup_cpu_devices()` (through
-`jaxnorm.cli.run_main`); `import jaxnorm` changes nothing, so a library user calls it if they want it.
+setting only shapes the CPU backend. On Linux it also makes glibc's malloc reuse freed memory, which
+XLA:CPU's per-step temporary buffers otherwise page-fault in afresh at every step. The scripts call
+`setup_cpu_devices()` (through `jaxnorm.cli.run_main`); `import jaxnorm` changes nothing, so a library
+user calls it if they want it.
 """
 
 from __future__ import annotations

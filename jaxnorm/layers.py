@@ -1,5 +1,5 @@
-"""Fast drop-in pieces for the CPU: convolutions whose matrix multiplies XLA runs well, and max pooling
-as a reshape and a max.
+"""Fast drop-in pieces for the CPU: convolutions whose matrix multiplies XLA runs well, GroupNorm from
+per-channel sums, and max pooling as a reshape and a max.
 
 XLA's CPU convolution is fast forward and for the input's gradient, but slow for the kernel's gradient
 (the weight gradient of a 24-channel 3x3 conv at 32x32 was 40% of a training step, run on one thread)
@@ -14,6 +14,7 @@ stay exactly those of `nn.Conv`, and checkpoints do not change.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -121,3 +122,39 @@ def max_pool(x, window: int, stride: int):
     h, w = h // window, w // window  # "VALID": a partial window at the edge is dropped
     x = x[:, :h * window, :w * window, :].reshape(n, h, window, w, window, c)
     return x.max(axis=(2, 4))
+
+
+class GroupNorm(nn.Module):
+    """`nn.GroupNorm` over all but the batch axis, channels last: the same parameters (`scale`, `bias`
+    per channel), initialisation and outputs up to float32 rounding.
+
+    The statistics are first summed per channel over the spatial axes, then over each group's channels.
+    Flax reduces a (N, H, W, groups, channels per group) view at once, a strided reduction XLA's CPU
+    code runs more slowly, forward and in the gradient (benchmarks/NOTES.md, section 8).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Any = None  # the output's; the statistics are float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        if self.num_groups < 1 or channels % self.num_groups:
+            raise ValueError(f"Number of groups ({self.num_groups}) does not divide the number of channels "
+                             f"({channels}).")
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        spatial = tuple(range(1, x.ndim - 1))
+        count = channels // self.num_groups * (x.size // (x.shape[0] * channels))  # elements per group
+
+        def group_mean(per_channel_sum):  # (N, C) -> (N, C): each channel gets its group's mean
+            groups = per_channel_sum.reshape(-1, self.num_groups, channels // self.num_groups).sum(-1) / count
+            return jnp.repeat(groups, channels // self.num_groups, axis=-1)
+
+        mean = group_mean(jnp.sum(x32, spatial))
+        var = jnp.maximum(0.0, group_mean(jnp.sum(x32 * x32, spatial)) - mean * mean)  # flax's fast variance
+        mean, mul = (a.reshape(a.shape[:1] + (1,) * len(spatial) + a.shape[1:])
+                     for a in (mean, lax.rsqrt(var + self.epsilon) * scale))
+        return ((x32 - mean) * mul + bias).astype(self.dtype or x.dtype)

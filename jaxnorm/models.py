@@ -39,7 +39,7 @@ def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32) ->
         return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=dtype)
     if norm == "gn":
-        return functools.partial(nn.GroupNorm, num_groups=groups, epsilon=1e-5, dtype=dtype)
+        return functools.partial(layers.GroupNorm, num_groups=groups, epsilon=1e-5, dtype=dtype)
     if norm == "ln":
         # Each sample normalised over C, H and W, with a per-channel scale and bias (the seeds' choice;
         # not torch's elementwise-affine LayerNorm over C, H and W).

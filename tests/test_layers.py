@@ -1,5 +1,5 @@
-"""The fast convolution is nn.Conv and the fast max pool is nn.max_pool: same parameters, same outputs and
-gradients up to float32 rounding."""
+"""The fast layers are flax's: Conv is nn.Conv, GroupNorm nn.GroupNorm, max_pool nn.max_pool, with the same
+parameters, outputs and gradients up to float32 rounding."""
 
 import flax.linen as nn
 import jax
@@ -50,15 +50,33 @@ def test_fast_max_pool_shares_a_tied_windows_gradient():
     np.testing.assert_allclose(g[0, :, :, 0], [[0, 1 / 3], [1 / 3, 1 / 3]])  # summed: the window's 1
 
 
-@pytest.mark.parametrize("norm", ["bn", "ln"])
+@pytest.mark.parametrize("groups", [1, 4, 12])
+def test_fast_group_norm_matches_nn_group_norm_forward_and_gradient(groups):
+    x = 3 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 6, 12)) + 1  # a mean the statistics must remove
+    fast, plain = layers.GroupNorm(num_groups=groups, epsilon=1e-5), nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+    variables = plain.init(jax.random.PRNGKey(1), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, fast.init(jax.random.PRNGKey(1), x), variables)
+    variables = jax.tree_util.tree_map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), variables)
+    np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grad = lambda module: jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), argnums=(0, 1))(variables, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grad(fast), grad(plain))
+
+
+def test_fast_group_norm_refuses_groups_that_do_not_divide_the_channels():
+    with pytest.raises(ValueError, match=r"Number of groups \(5\) does not divide the number of channels \(12\)"):
+        layers.GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 12)))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_seed_network_with_fast_convs_matches_nn_conv(norm, monkeypatch):
     # Small widths keep it fast; every conv kind of the seed network is there (RGB 3x3, 3x3, 1x1).
     model = build_model(Config(norm=norm, dropout=0.0, width=8, transition_width=8, groups=4))
     x = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3), maxval=255)
     fast_vars = model.init(jax.random.PRNGKey(0), x)
     fast_logits, fast_grads = _logits_and_grads(model, fast_vars, x)
-    # The model as it was, with flax's own convolution and max pool.
+    # The model as it was, with flax's own convolution, GroupNorm and max pool.
     monkeypatch.setattr(layers, "Conv", nn.Conv)
+    monkeypatch.setattr(layers, "GroupNorm", nn.GroupNorm)
     monkeypatch.setattr(layers, "max_pool", lambda x, k, s: nn.max_pool(x, (k, k), strides=(s, s)))
     plain_vars = model.init(jax.random.PRNGKey(0), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, fast_vars, plain_vars)
