@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,7 +32,7 @@ from jaxnorm.figures import plot_sweep
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
 from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
-from jaxnorm.train import epoch_calls, make_epoch_order, make_train_step, one_step_calls
+from jaxnorm.train import make_epoch_order, make_train_step, one_step_calls, seconds_per_step
 from jaxnorm.utils import quiet_absl, read_history, write_json
 
 REFERENCE_BATCH = 128  # the batch the default learning rate belongs to
@@ -243,17 +242,7 @@ def time_steps(base: Config, dataset: Dataset, batch_sizes: Sequence[int], steps
         labels = parallel.put_replicated(dataset.train_labels, mesh)
         step = one_step_calls(make_train_step(config, mesh))
         order = make_epoch_order(config, mesh, len(dataset.train_images))(0)
-        n = min(steps, steps_per_epoch)
-        state, losses, _, _ = step(state, images, labels, order, 0)  # compile
-        jax.block_until_ready(losses)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for state, losses, _, _ in epoch_calls(step, state, images, labels, order, 0, n):
-                pass
-            jax.block_until_ready(losses)
-            times.append((time.perf_counter() - start) / n)
-        seconds = statistics.median(times)
+        seconds, _ = seconds_per_step(step, state, images, labels, order, min(steps, steps_per_epoch), repeats)
         rows.append({"batch_size": b, "devices": mesh.devices.size, "step_ms": 1000 * seconds,
                      "images_per_second": b / seconds,
                      "epoch_seconds": math.floor(len(dataset.train_images) / b) * seconds})

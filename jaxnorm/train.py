@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -141,6 +142,25 @@ def epoch_calls(train_steps, state, images, labels, order, start: int = 0, end: 
         if len(in_flight) > MAX_CALLS_IN_FLIGHT:
             in_flight.popleft().block_until_ready()
         yield state, losses, correct, done
+
+
+def seconds_per_step(train_steps, state, images, labels, order, steps: int, repeats: int, warmup: int = 1):
+    """Median seconds per step over `repeats` runs of the epoch's first `steps` steps, through
+    `epoch_calls` as training steps; `warmup` steps first (they absorb compilation). Returns
+    (seconds, state)."""
+    def run(n):
+        for state_, losses, _, _ in epoch_calls(train_steps, state, images, labels, order, 0, n):
+            pass
+        jax.block_until_ready((state_, losses))
+        return state_
+
+    state = run(warmup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = run(steps)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / steps, state
 
 
 def steps_per_call(config: Config, steps_per_epoch: int) -> int:

@@ -64,7 +64,7 @@ def bench_norm(norm, precision, args):
     from jaxnorm.evaluate import make_predict
     from jaxnorm.state import create_train_state
     from jaxnorm.train import (epoch_calls, make_epoch_order, make_train_step, make_train_steps, one_step_calls,
-                               steps_per_call)
+                               seconds_per_step, steps_per_call)
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic", precision=precision,
                     steps_per_call=args.steps_per_call).validate()
@@ -83,15 +83,8 @@ def bench_norm(norm, precision, args):
     step = step.lower(state, images, labels, order, 0).compile()
     compile_s = time.perf_counter() - start
     one_step = one_step_calls(step)
-
-    def run(n):
-        nonlocal state
-        for state, losses, _, _ in epoch_calls(one_step, state, images, labels, order, 0, n):
-            pass
-        jax.block_until_ready((state, losses))
-
-    run(min(3, steps_per_epoch))  # warm-up
-    step_s = timed(lambda: run(args.steps), args.repeats) / args.steps
+    step_s, state = seconds_per_step(one_step, state, images, labels, order, args.steps, args.repeats,
+                                     warmup=min(3, steps_per_epoch))
 
     predict = make_predict(mesh, config.eval_batch_size)
     predict(state, data.test_images[:config.eval_batch_size])  # compile

@@ -81,7 +81,7 @@ def test_lock_is_exclusive_nests_in_one_process_and_is_released(tmp_path):
             pass
         assert lock.path.exists()
         other = subprocess.run([sys.executable, "-c", "import sys; from jaxnorm.runlock import RunLock; "
-                                f"RunLock(sys.argv[1]).acquire()", str(tmp_path / "run")],
+                                "RunLock(sys.argv[1]).acquire()", str(tmp_path / "run")],
                                cwd=ROOT, capture_output=True, text=True)
         assert other.returncode != 0 and f"in use by PID {os.getpid()}" in other.stderr
     assert not lock.path.exists()

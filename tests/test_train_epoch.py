@@ -3,8 +3,10 @@
 import dataclasses
 import os
 import signal
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,3 +112,19 @@ def test_epoch_calls_keeps_at_most_two_calls_queued():
     calls = list(train_lib.epoch_calls(train_steps, 0, None, None, order=np.zeros((10, 4)), start=1))
     assert [(state, done) for state, _, _, done in calls] == [(3, 4), (6, 7), (9, 10)]
     assert unfinished == [4, 7]  # the last two calls are left running: the epoch's end fetches them
+
+
+def test_seconds_per_step_times_the_steps_after_the_warmup():
+    # One-step fake calls that each take 10 ms: the warm-up steps are run but not timed, every repeat
+    # starts again at the epoch's first step, and the state carries on from call to call.
+    starts = []
+
+    def train_steps(state, images, labels, order, start):
+        starts.append(start)
+        time.sleep(0.01)
+        return state + 1, jnp.zeros(1), 0, 1
+
+    seconds, state = train_lib.seconds_per_step(train_steps, 0, None, None, np.zeros((10, 4)), steps=3,
+                                                repeats=2, warmup=2)
+    assert starts == [0, 1, 0, 1, 2, 0, 1, 2] and state == 8
+    assert 0.01 <= seconds < 0.05
