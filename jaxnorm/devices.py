@@ -70,9 +70,8 @@ def setup_cpu_devices() -> int | None:
     """Make JAX's CPU backend `cpu_device_count()` devices. Call before JAX starts its backends.
 
     Also makes malloc reuse freed memory (`reuse_freed_memory`). Returns the count set, or None where
-    it is left alone: XLA_FLAGS already forces a count (the user
-    chose), or JAX's backends are already running (too late: JAX keeps the devices it has).
-    A bad $JAXNORM_CPU_DEVICES raises ConfigError.
+    it is left alone: XLA_FLAGS already forces a count (the user chose), or JAX's backends are already
+    running (too late: JAX keeps the devices it has). A bad $JAXNORM_CPU_DEVICES raises ConfigError.
     """
     count = cpu_device_count()  # validated even when unused, so a typo never goes unnoticed
     reuse_freed_memory()

@@ -148,17 +148,17 @@ def seconds_per_step(train_steps, state, images, labels, order, steps: int, repe
     """Median seconds per step over `repeats` runs of the epoch's first `steps` steps, through
     `epoch_calls` as training steps; `warmup` steps first (they absorb compilation). Returns
     (seconds, state)."""
-    def run(n):
-        for state_, losses, _, _ in epoch_calls(train_steps, state, images, labels, order, 0, n):
+    def run(state, n):
+        for state, losses, _, _ in epoch_calls(train_steps, state, images, labels, order, 0, n):
             pass
-        jax.block_until_ready((state_, losses))
-        return state_
+        jax.block_until_ready((state, losses))
+        return state
 
-    state = run(warmup)
+    state = run(state, warmup)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state = run(steps)
+        state = run(state, steps)
         times.append(time.perf_counter() - start)
     return statistics.median(times) / steps, state
 
