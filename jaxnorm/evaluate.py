@@ -56,8 +56,8 @@ def make_predict(mesh, batch_size: int, *, flip_average: bool = False):
         n = len(images)
         padded = np.zeros((math.ceil(n / batch_size) * batch_size, *images.shape[1:]), images.dtype)
         padded[:n] = np.asarray(images)
-        chunks = [logits_of(state, jax.device_put(padded[i:i + batch_size], shard))
-                  for i in range(0, len(padded), batch_size)]
+        chunks = list(parallel.limit_in_flight(logits_of(state, jax.device_put(padded[i:i + batch_size], shard))
+                                               for i in range(0, len(padded), batch_size)))
         return jnp.concatenate(chunks)[:n]
 
     return predict

@@ -19,7 +19,6 @@ raises `TrainingError` without saving the bad state.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import os
@@ -121,27 +120,19 @@ def make_train_steps(config: Config, mesh, count: int):
     return train_steps
 
 
-# XLA:CPU with several devices can deadlock when hundreds of multi-device steps are queued: an
-# all-reduce waits for a device that never comes, and XLA aborts the process. Three 20-epoch runs died so
-# at the start of epoch 1 or 2 (once per epoch, training queued the whole epoch). Waiting for the call
-# before last keeps one call running and one queued: the devices never idle, and the queue stays short.
-MAX_CALLS_IN_FLIGHT = 2
-
-
 def epoch_calls(train_steps, state, images, labels, order, start: int = 0, end: Optional[int] = None):
     """Run steps `start`..`end` (default: the epoch's last) of the epoch `order` in calls of
-    `train_steps` (see make_train_steps), at most MAX_CALLS_IN_FLIGHT calls queued; yields
+    `train_steps` (see make_train_steps), at most `parallel.MAX_CALLS_IN_FLIGHT` calls queued; yields
     (state, losses, correct, done) after each call, `done` the steps of the epoch taken so far."""
     end = len(order) if end is None else end
-    in_flight = collections.deque()
-    done = start
-    while done < end:
-        state, losses, correct, n = train_steps(state, images, labels, order, done)
-        done += n
-        in_flight.append(losses)
-        if len(in_flight) > MAX_CALLS_IN_FLIGHT:
-            in_flight.popleft().block_until_ready()
-        yield state, losses, correct, done
+
+    def calls(state, done):
+        while done < end:
+            state, losses, correct, n = train_steps(state, images, labels, order, done)
+            done += n
+            yield state, losses, correct, done
+
+    return parallel.limit_in_flight(calls(state, start), output=lambda call: call[1])
 
 
 def seconds_per_step(train_steps, state, images, labels, order, steps: int, repeats: int, warmup: int = 1):

@@ -7,6 +7,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from conftest import run_script
+from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import Config
 from jaxnorm.evaluate import (choose_misclassified, classification_metrics, evaluate_run, format_metrics,
@@ -264,3 +265,23 @@ def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     assert lines["bn train"].get_ydata()[0] == pytest.approx(40.0) and "%" in ax_acc.get_ylabel()
     # One epoch: one point each, so the markers themselves must differ.
     assert lines["bn train"].get_fillstyle() != lines["bn test"].get_fillstyle()
+
+
+
+def test_prediction_dispatches_its_batches_through_the_queue_limit(trained_run, monkeypatch):
+    # All test batches queued at once deadlocked a study's evaluation on two CPU devices, as a whole
+    # epoch did in training: predict's batches go through parallel.limit_in_flight (tested with
+    # epoch_calls in test_train_epoch.py).
+    workdir, data, _ = trained_run
+    run = restore_run(workdir)
+    through, limit = [], parallel.limit_in_flight
+
+    def recording(calls, **kwargs):
+        for call in limit(calls, **kwargs):
+            through.append(call)
+            yield call
+
+    monkeypatch.setattr(parallel, "limit_in_flight", recording)
+    got = make_predict(run.mesh, 4)(run.state, data.test_images)
+    assert len(through) == -(-len(data.test_images) // 4) > parallel.MAX_CALLS_IN_FLIGHT
+    np.testing.assert_array_equal(got, np.concatenate(through)[:len(got)])

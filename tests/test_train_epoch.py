@@ -104,7 +104,7 @@ def test_epoch_calls_keeps_at_most_two_calls_queued():
             return self
 
     def train_steps(state, images, labels, order, start):
-        assert len(unfinished) <= train_lib.MAX_CALLS_IN_FLIGHT == 2  # queued before this call
+        assert len(unfinished) <= parallel.MAX_CALLS_IN_FLIGHT == 2  # queued before this call
         unfinished.append(start)
         n = min(3, len(order) - start)
         return state + n, Pending(start), n, n
