@@ -21,6 +21,21 @@ from jaxnorm.data import synthetic_dataset  # noqa: E402
 # test starts JAX (in-process tests then see what the scripts see).
 jaxnorm.setup_cpu_devices()
 
+# Most of the suite's time is compilation, and its tests build the same few steps again and again (a
+# new jit for each). JAX's persistent compilation cache, in a folder of this run, compiles each once.
+# In this process only: the scripts the tests run in subprocesses (some killed mid-write) compile anew.
+if os.environ.get("JAXNORM_TEST_COMPILE_CACHE", "1") != "0":
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    import jax  # noqa: E402
+
+    _cache = tempfile.mkdtemp(prefix="jaxnorm-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "faults: slow fault-injection tests (run with -m faults; .ci/run does)")
