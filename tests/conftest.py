@@ -37,20 +37,6 @@ if os.environ.get("JAXNORM_TEST_COMPILE_CACHE", "1") != "0":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "faults: slow fault-injection tests (run with -m faults; .ci/run does)")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Leave the `faults` tests out unless a -m expression asks for them (kept out of the quick suite)."""
-    if config.option.markexpr:
-        return
-    kept = [item for item in items if "faults" not in item.keywords]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if "faults" in item.keywords])
-        items[:] = kept
-
-
 @pytest.fixture(scope="session")
 def tiny_data():
     """64 train / 32 test synthetic 16x16 RGB images: enough to learn from in a few steps."""
