@@ -1,8 +1,8 @@
-"""The seed network in PyTorch, as a speed reference for scripts/benchmark.py (torch is optional).
+"""The CIFAR-10 network in PyTorch, as a speed reference for scripts/benchmark.py (torch is optional).
 
     python benchmarks/torch_reference.py --norm bn gn ln          # prints one JSON line per norm
 
-The same layers, parameter count and training step as jaxnorm's SeedCNN: 3x3 convs (no bias) ->
+The same layers, parameter count and training step as jaxnorm's CifarCNN: 3x3 convs (no bias) ->
 norm -> ReLU -> dropout, 1x1 transitions + 2x2 max pooling, global average pooling, a 1x1 conv to
 the logits; input normalised inside the model; the batch gathered from a uint8 dataset in memory
 and flipped at random; cross-entropy; SGD with momentum 0.9 and weight decay 5e-4. NCHW (PyTorch's
@@ -31,7 +31,7 @@ def norm_layer(norm: str, channels: int, groups: int = 8) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}")
 
 
-class SeedCNN(nn.Module):
+class CifarCNN(nn.Module):
     def __init__(self, norm: str = "bn", width: int = 24, transition_width: int = 16, dropout: float = 0.05,
                  num_classes: int = 10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26)):
         super().__init__()
@@ -62,7 +62,7 @@ def benchmark(norm: str, batch_size: int = 128, steps: int = 20, repeats: int = 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (num_images,))
-    model = SeedCNN(norm, dropout=dropout)
+    model = CifarCNN(norm, dropout=dropout)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -1,5 +1,6 @@
 """Fast drop-in pieces for the CPU: convolutions whose matrix multiplies XLA runs well, GroupNorm from
-per-channel sums, and max pooling as a reshape and a max.
+per-channel sums, and max pooling as a reshape and a max; and the two sets of layers a model is built
+with (`LAYER_SETS`): these, on a CPU host, and flax's own, on a GPU or TPU host (`jaxnorm.devices`).
 
 XLA's CPU convolution is fast forward and for the input's gradient, but slow for the kernel's gradient
 (the weight gradient of a 24-channel 3x3 conv at 32x32 was 40% of a training step, run on one thread)
@@ -9,18 +10,22 @@ CPU dot kernels run near the machine's speed. `patch_conv` has `lax.conv_general
 for the cases `nn.Conv` uses here (NHWC, stride 1, no dilation, one feature group), so it is passed as
 `nn.Conv(conv_general_dilated=patch_conv)`: the module, its parameter names, shapes and initialisation
 stay exactly those of `nn.Conv`, and checkpoints do not change.
+
+They were measured on XLA:CPU only. On a GPU or TPU, XLA gives flax's convolution and its gradients
+to cuDNN or the TPU's convolution unit, while the custom gradient here is an im2col patch array nine
+times the activation and has no forward-mode rule (`jax.jvp` fails through it).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 
 # im2col forward only where the input has few channels (the first layer's RGB): for wider inputs the
 # nine-fold patch array costs more memory traffic than XLA's own forward convolution.
@@ -109,7 +114,7 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=patch_conv)
 def max_pool(x, window: int, stride: int):
     """`nn.max_pool(x, (window, window), strides=(stride, stride))` ("VALID"), NHWC.
 
-    Where the windows tile the input (stride == window, the seed networks' 2x2 pools) it is a reshape
+    Where the windows tile the input (stride == window, the networks' 2x2 pools) it is a reshape
     and a max over the window axes: the same forward, and a gradient JAX derives elementwise (a mask of
     each window's maximum), which XLA fuses. JAX differentiates `reduce_window` instead through a
     reduction that carries int32 indices of every element plus a scatter: about a fifth of a training
@@ -158,3 +163,25 @@ class GroupNorm(nn.Module):
         mean, mul = (a.reshape(a.shape[:1] + (1,) * len(spatial) + a.shape[1:])
                      for a in (mean, lax.rsqrt(var + self.epsilon) * scale))
         return ((x32 - mean) * mul + bias).astype(self.dtype or x.dtype)
+
+
+def flax_max_pool(x, window: int, stride: int):
+    """`nn.max_pool` with `max_pool`'s signature."""
+    return nn.max_pool(x, (window, window), strides=(stride, stride))
+
+
+class LayerSet(NamedTuple):
+    """The convolution, max pooling and GroupNorm a model is built with, and how the run's log names them.
+    Both sets make the same parameters (names, shapes, initial values): checkpoints are interchangeable."""
+
+    description: str
+    conv: Callable[..., nn.Module]  # nn.Conv's arguments
+    max_pool: Callable[[jax.Array, int, int], jax.Array]  # (x, window, stride)
+    group_norm: Callable[..., nn.Module]  # nn.GroupNorm's arguments
+
+
+LAYER_SETS = {
+    "cpu": LayerSet("cpu-tuned (custom conv gradient, reshape max-pool, GroupNorm from sums)",
+                    Conv, max_pool, GroupNorm),
+    "flax": LayerSet("flax (nn.Conv, nn.max_pool, nn.GroupNorm)", nn.Conv, flax_max_pool, nn.GroupNorm),
+}

@@ -1,21 +1,23 @@
-"""The seed CNNs, built from their layer tables in `jaxnorm.networks`, with the norm chosen once by
-name and injected; and the model summary table.
+"""The two networks, built from their layer tables in `jaxnorm.networks`, with the norm chosen once by
+name and injected, and the layers chosen once for the platform; and the model summary table.
 
-SeedCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout; 1x1 transitions
+CifarCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout; 1x1 transitions
 before 2x2 max pooling; global average pooling and a 1x1 conv to the logits. 34,872 parameters.
 
 MnistNet (MNIST): convs with bias, each but the last followed by norm, ReLU and channel dropout (whole
 feature maps dropped). LayerNorm keeps a per-channel scale and bias, so the count is 10,224 for bn, gn
-and ln alike (the seeds' elementwise-affine LayerNorm over C, H and W had 74,284).
+and ln alike (the reference implementations' elementwise-affine LayerNorm over C, H and W had 74,284).
 
 Both models take their settings as one `Config` (big_vision's `Model(**config.model)` in spirit), so
 nothing is declared twice; the input statistics belong to the model so it normalises its own input.
+The convolutions, max pooling and GroupNorm come from one of `layers.LAYER_SETS`, chosen by
+`build_model` for the platform (`devices.layer_choice`); both make the same parameters.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,25 +26,26 @@ import numpy as np
 
 from jaxnorm import layers
 from jaxnorm.config import Config, ConfigError
-from jaxnorm.networks import Layer, mnist_net, seed_cnn
-
+from jaxnorm.devices import LAYER_CHOICES, layer_choice
+from jaxnorm.networks import Layer, cifar_cnn, mnist_net
 
 # --precision: the dtype of convolutions and activations.
 COMPUTE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32) -> Callable[..., nn.Module]:
+def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32,
+               group_norm: Callable[..., nn.Module] = nn.GroupNorm) -> Callable[..., nn.Module]:
     """The normalisation layer for `norm`, as a constructor taking only `name=`. `dtype` is its output's;
-    Flax computes the statistics in float32 at least."""
+    Flax computes the statistics in float32 at least. `group_norm`: nn.GroupNorm or `layers.GroupNorm`."""
     if norm == "bn":
         # Running statistics live in the mutable `batch_stats` collection; evaluation uses them.
         return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=dtype)
     if norm == "gn":
-        return functools.partial(layers.GroupNorm, num_groups=groups, epsilon=1e-5, dtype=dtype)
+        return functools.partial(group_norm, num_groups=groups, epsilon=1e-5, dtype=dtype)
     if norm == "ln":
-        # Each sample normalised over C, H and W, with a per-channel scale and bias (the seeds' choice;
-        # not torch's elementwise-affine LayerNorm over C, H and W).
+        # Each sample normalised over C, H and W, with a per-channel scale and bias (the reference
+        # implementations' choice; not torch's elementwise-affine LayerNorm over C, H and W).
         return functools.partial(nn.LayerNorm, reduction_axes=(-3, -2, -1), feature_axes=-1, epsilon=1e-5,
                                  dtype=dtype)
     raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
@@ -58,20 +61,29 @@ class _LayerNet(nn.Module):
     input_mean: Sequence[float] = (0.0, 0.0, 0.0)
     input_std: Sequence[float] = (1.0, 1.0, 1.0)
     num_classes: int = 10
+    # The convolution, max pooling and GroupNorm: a key of `layers.LAYER_SETS` (build_model passes the
+    # platform's). Not part of the Config: a run trained with one set resumes or evaluates with the other.
+    layer_set: str = "flax"
     use_bias = False  # the convs' bias (class constants, not fields)
     channel_dropout = False  # drop whole feature maps instead of single activations
+
+    @property
+    def layer_description(self) -> str:
+        """The layer set, as the run's first lines name it."""
+        return layers.LAYER_SETS[self.layer_set].description
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = self.config
         dtype = COMPUTE_DTYPES[c.precision]  # parameters stay float32 (Flax's param_dtype)
-        norm = norm_layer(c.norm, train=train, groups=c.groups, dtype=dtype)
+        impl = layers.LAYER_SETS[self.layer_set]
+        norm = norm_layer(c.norm, train=train, groups=c.groups, dtype=dtype, group_norm=impl.group_norm)
         x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
         x = x.astype(dtype)
         for layer in self.spatial_layers():
             if layer.kind in ("block", "conv"):
                 k = layer.kernel
-                y = layers.Conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
+                y = impl.conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
                                 dtype=dtype, name=layer.name)(x)
                 if layer.kind == "block":
                     y = nn.relu(norm(name=f"{layer.name}_norm")(y))
@@ -81,7 +93,7 @@ class _LayerNet(nn.Module):
                         y = x + y
                 x = y
             elif layer.kind == "max_pool":
-                x = layers.max_pool(x, layer.kernel, layer.stride)
+                x = impl.max_pool(x, layer.kernel, layer.stride)
             elif layer.kind == "avg_pool":
                 x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(dtype)
             else:
@@ -89,15 +101,15 @@ class _LayerNet(nn.Module):
         return x.reshape(x.shape[0], -1).astype(jnp.float32)  # the loss and metrics in float32
 
 
-class SeedCNN(_LayerNet):
-    """The seed network (CIFAR-10); widths from `config.width` and `config.transition_width`."""
+class CifarCNN(_LayerNet):
+    """The CIFAR-10 network; widths from `config.width` and `config.transition_width`."""
 
     def spatial_layers(self) -> tuple[Layer, ...]:
-        return seed_cnn(self.config.width, self.config.transition_width, self.num_classes)
+        return cifar_cnn(self.config.width, self.config.transition_width, self.num_classes)
 
 
 class MnistNet(_LayerNet):
-    """The seeds' 10,224-parameter MNIST network. Input: (N, 28, 28, 1) in [0, 255]."""
+    """The reference implementations' 10,224-parameter MNIST network. Input: (N, 28, 28, 1) in [0, 255]."""
 
     input_mean: Sequence[float] = (0.0,)
     input_std: Sequence[float] = (1.0,)
@@ -109,14 +121,18 @@ class MnistNet(_LayerNet):
 
 
 def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0), *,
-                num_classes: int = 10) -> nn.Module:
-    """The model a config describes (MnistNet for `mnist`, SeedCNN otherwise); `input_mean`/`input_std`
+                num_classes: int = 10, layer_set: str | None = None) -> nn.Module:
+    """The model a config describes (MnistNet for `mnist`, CifarCNN otherwise); `input_mean`/`input_std`
     are the training set's per-channel statistics, in [0, 1] units; `num_classes` the width of the last
-    1x1 conv (an image folder's class count)."""
+    1x1 conv (an image folder's class count); `layer_set` 'cpu' or 'flax' (default: the platform's,
+    `devices.layer_choice()`)."""
     config.validate()
+    layer_set = layer_choice() if layer_set is None else layer_set
+    if layer_set not in LAYER_CHOICES:
+        raise ConfigError(f"unknown layer set {layer_set!r}: choose one of {', '.join(LAYER_CHOICES)}")
     if config.dataset == "mnist":
-        return MnistNet(config, tuple(input_mean)[:1], tuple(input_std)[:1], num_classes)
-    return SeedCNN(config, tuple(input_mean), tuple(input_std), num_classes)
+        return MnistNet(config, tuple(input_mean)[:1], tuple(input_std)[:1], num_classes, layer_set)
+    return CifarCNN(config, tuple(input_mean), tuple(input_std), num_classes, layer_set)
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
@@ -136,7 +152,10 @@ def l1_penalty(params) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# The summary table, from the model itself (shapes only: nothing is computed).
+# The summary table, from the model itself (shapes only: nothing is computed). Flax's nn.tabulate
+# gives the same facts as a boxed table of about 90 lines for this network (each module's inputs, each
+# parameter's shape and bytes); the run's log wants one line per layer, so this reads flax's captured
+# outputs (`capture_intermediates`) instead.
 
 
 def summary_rows(model: nn.Module, image_shape: Sequence[int]) -> list[dict]:

@@ -11,19 +11,20 @@ Layer kinds:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
 class Layer(NamedTuple):
     name: str  # the parameter name of its conv (its norm is `<name>_norm`)
     kind: str
     features: int = 0  # output channels of a conv or block
-    kernel: Optional[int] = 1
+    kernel: int | None = 1
     stride: int = 1
     padding: int = 0
 
 
-def seed_cnn(width: int = 24, transition_width: int = 16, num_classes: int = 10) -> tuple[Layer, ...]:
+def cifar_cnn(width: int = 24, transition_width: int = 16, num_classes: int = 10) -> tuple[Layer, ...]:
     """C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10: 3x3 blocks, 1x1 transitions, max pools, 1x1 head."""
     def block(name):
         return Layer(name, "block", width, 3, 1, 1)
@@ -41,7 +42,8 @@ def seed_cnn(width: int = 24, transition_width: int = 16, num_classes: int = 10)
 
 
 def mnist_net(num_classes: int = 10) -> tuple[Layer, ...]:
-    """The seeds' MNIST net: 28x28 -> pool -> 14x14 -> pool -> 7x7 -> two valid 3x3 -> 3x3 -> GAP."""
+    """The reference implementations' MNIST net: 28x28 -> pool -> 14x14 -> pool -> 7x7 -> two valid 3x3
+    -> 3x3 -> GAP."""
     return (Layer("conv1", "block", 10, 3, 1, 1), Layer("conv2", "block", 16, 3, 1, 1),
             Layer("pool1", "max_pool", 0, 2, 2), Layer("conv3", "block", 8, 1),
             Layer("conv4", "block", 16, 3, 1, 1), Layer("conv5", "block", 16, 3, 1, 1),
@@ -51,8 +53,8 @@ def mnist_net(num_classes: int = 10) -> tuple[Layer, ...]:
 
 
 def network_layers(dataset: str, width: int, transition_width: int) -> tuple[Layer, ...]:
-    """The layers of the network a dataset trains: the MNIST net for mnist, the seed CNN otherwise."""
-    return mnist_net() if dataset == "mnist" else seed_cnn(width, transition_width)
+    """The layers of the network a dataset trains: the MNIST net for mnist, the CIFAR CNN otherwise."""
+    return mnist_net() if dataset == "mnist" else cifar_cnn(width, transition_width)
 
 
 def normalised_widths(layers: Sequence[Layer]) -> tuple[int, ...]:

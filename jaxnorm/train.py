@@ -301,7 +301,8 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
         where = f" + {len(partial['losses'])}/{steps_per_epoch} steps" if partial else ""
         print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)}{where})")
     print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
-          f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s)")
+          f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s) "
+          f"| layers: {model.layer_description}")
     meta = {"config": config.to_dict(), "input_mean": input_mean, "input_std": input_std,
             "num_params": num_params, "class_names": list(dataset.class_names),
             "image_shape": list(dataset.image_shape), "data_source": dataset.source,

@@ -1,5 +1,5 @@
-"""The fast layers are flax's: Conv is nn.Conv, GroupNorm nn.GroupNorm, max_pool nn.max_pool, with the same
-parameters, outputs and gradients up to float32 rounding."""
+"""The fast CPU layers are flax's: Conv is nn.Conv, GroupNorm nn.GroupNorm, max_pool nn.max_pool, with the
+same parameters, outputs and gradients up to float32 rounding; a model built with either set is the same."""
 
 import flax.linen as nn
 import jax
@@ -68,27 +68,49 @@ def test_fast_group_norm_refuses_groups_that_do_not_divide_the_channels():
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
-def test_seed_network_with_fast_convs_matches_nn_conv(norm, monkeypatch):
-    # Small widths keep it fast; every conv kind of the seed network is there (RGB 3x3, 3x3, 1x1).
-    model = build_model(Config(norm=norm, dropout=0.0, width=8, transition_width=8, groups=4))
+def test_flax_layers_build_the_same_model_as_the_cpu_layers(norm, monkeypatch):
+    # What a GPU or TPU host builds, forced here on the CPU: flax's own layers, no custom gradient.
+    monkeypatch.setenv("JAXNORM_LAYERS", "flax")
+    # Small widths keep it fast; every conv kind of the CPU set is there (im2col for the RGB 3x3 and the
+    # 1x1s, the custom gradient for 3x3s over more than MAX_PATCH_CHANNELS channels).
+    config = Config(norm=norm, dropout=0.0, width=2 * layers.MAX_PATCH_CHANNELS, transition_width=8, groups=4)
+    flax_model, cpu_model = build_model(config), build_model(config, layer_set="cpu")
+    assert (flax_model.layer_set, cpu_model.layer_set) == ("flax", "cpu")
     x = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3), maxval=255)
-    fast_vars = model.init(jax.random.PRNGKey(0), x)
-    fast_logits, fast_grads = _logits_and_grads(model, fast_vars, x)
-    # The model as it was, with flax's own convolution, GroupNorm and max pool.
-    monkeypatch.setattr(layers, "Conv", nn.Conv)
-    monkeypatch.setattr(layers, "GroupNorm", nn.GroupNorm)
-    monkeypatch.setattr(layers, "max_pool", lambda x, k, s: nn.max_pool(x, (k, k), strides=(s, s)))
-    plain_vars = model.init(jax.random.PRNGKey(0), x)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, fast_vars, plain_vars)
-    plain_logits, plain_grads = _logits_and_grads(model, plain_vars, x)
-    np.testing.assert_allclose(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    variables = cpu_model.init(jax.random.PRNGKey(0), x)
+    # The same parameter tree and initial values: a checkpoint of either restores into the other.
+    flax_variables = flax_model.init(jax.random.PRNGKey(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, flax_variables, variables)
+    flax_logits, flax_grads = _logits_and_grads(flax_model, variables, x)
+    cpu_logits, cpu_grads = _logits_and_grads(cpu_model, variables, x)
+    np.testing.assert_allclose(flax_logits, cpu_logits, rtol=1e-4, atol=1e-4)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                           fast_grads, plain_grads)
+                           flax_grads, cpu_grads)
+    # Forward and backward passes of flax's set: stock layers only. The CPU set's convolutions are a
+    # custom_vjp (in the forward jaxpr; differentiation inlines its rule) with dot_general gradients.
+    forward, backward = _jaxprs(flax_model, variables, x)
+    assert "custom_vjp" not in forward and "custom_vjp" not in backward
+    assert "conv_general_dilated" in backward and "dot_general" not in backward
+    assert "select_and_scatter_add" in backward  # nn.max_pool's gradient
+    cpu_forward, cpu_backward = _jaxprs(cpu_model, variables, x)
+    assert "custom_vjp_call" in cpu_forward and "dot_general" in cpu_backward
 
 
-def _logits_and_grads(model, variables, x):
+def _loss(model, variables, x):
     def loss(params):
         logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.mean(logits ** 2), logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return loss
+
+
+def _jaxprs(model, variables, x) -> tuple[str, str]:
+    """The loss's jaxpr and its gradient's, as text."""
+    loss = _loss(model, variables, x)
+    return (str(jax.make_jaxpr(loss)(variables["params"])),
+            str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(variables["params"])))
+
+
+def _logits_and_grads(model, variables, x):
+    value_and_grad = jax.jit(jax.value_and_grad(_loss(model, variables, x), has_aux=True))
+    (_, logits), grads = value_and_grad(variables["params"])
     return logits, grads
