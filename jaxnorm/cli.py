@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import shlex
 import sys
+import types
 import typing
 from typing import Callable, Iterable, Optional
 
@@ -80,7 +81,7 @@ def add_config_options(parser: argparse.ArgumentParser, *, only: Iterable[str] =
         if (only and f.name not in only) or f.name in exclude:
             continue
         kind = hints[f.name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[T]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[T] or T | None
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         help_text = f.metadata["help"] + _default_text(f)
         kwargs = ({"action": argparse.BooleanOptionalAction} if kind is bool else

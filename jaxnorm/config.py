@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 from jaxnorm.networks import network_layers, normalised_widths
 
@@ -49,13 +48,33 @@ RECIPE = "recipe"      # how it is trained: a resumed run may change it; a study
 RUNTIME = "runtime"    # where and how fast: never changes a result
 
 
-# Meaningful ranges of the numeric knobs not checked elsewhere in `validate`.
+# The meaningful range of every numeric knob, checked by `Config.validate`: field -> (the range as the
+# error message states it, a check of the value given the whole config). None, the default of an
+# Optional knob, is always accepted.
+POSITIVE = ("positive", lambda value, config: value > 0)
 RANGES = {
-    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1 would train towards uniform targets
-    "lr_gamma": ("in (0, 1]", lambda v: 0 < v <= 1),  # the step schedule decays
-    "weight_decay": (">= 0", lambda v: v >= 0),
-    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),  # what jax.random.PRNGKey takes
+    "groups": POSITIVE,
+    "width": POSITIVE,
+    "transition_width": POSITIVE,
+    "dropout": ("in [0, 1)", lambda value, config: 0 <= value < 1),
+    "crop_padding": POSITIVE,
+    "train_split": POSITIVE,
+    "train_images": POSITIVE,
+    "epochs": POSITIVE,
+    "batch_size": POSITIVE,
+    "lr": POSITIVE,
+    "momentum": ("in [0, 1)", lambda value, config: 0 <= value < 1),
+    # = --epochs: a smoke run that only warms up.
+    "warmup_epochs": ("in [0, --epochs]", lambda value, config: 0 <= value <= config.epochs),
+    "lr_step_epochs": POSITIVE,
+    "lr_gamma": ("in (0, 1]", lambda value, config: 0 < value <= 1),  # the step schedule decays
+    "weight_decay": (">= 0", lambda value, config: value >= 0),
+    "l1": (">= 0", lambda value, config: value >= 0),
+    # 1 would train towards uniform targets.
+    "label_smoothing": ("in [0, 1)", lambda value, config: 0 <= value < 1),
+    "seed": ("in [0, 2**32)", lambda value, config: 0 <= value < 2 ** 32),  # what jax.random.PRNGKey takes
+    "eval_batch_size": POSITIVE,
+    "steps_per_call": POSITIVE,
 }
 
 
@@ -63,7 +82,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the command line prints its message as one line."""
 
 
-def knob(default, help: str, *, role: str = RECIPE, choices=None, metavar: Optional[str] = None):
+def knob(default, help: str, *, role: str = RECIPE, choices=None, metavar: str | None = None):
     """A Config field with its command-line help (and choices); see `Config`."""
     return dataclasses.field(default=default, metadata={"help": help, "role": role, "choices": choices,
                                                         "metavar": metavar})
@@ -74,8 +93,8 @@ class Config:
     """One field per knob; `jaxnorm.cli` turns each into `--the-name` of every script taking a config.
 
     Adding a knob is a one-place change: declare it here with `knob(default, "help", role=...,
-    choices=...)` (bool fields become --x/--no-x, Optional[T] fields take a T); check its range in
-    `validate()` if it has one; read it where it is used. The role says whether a resume may change
+    choices=...)` (bool fields become --x/--no-x, `T | None` fields take a T); give a numeric knob its
+    range in `RANGES`; read it where it is used. The role says whether a resume may change
     it (IDENTITY: no), whether a study's reused runs must share it (IDENTITY and RECIPE) or neither
     (RUNTIME). A dataset-specific default goes into `DATASET_DEFAULTS`.
     """
@@ -89,10 +108,10 @@ class Config:
     dropout: float = knob(0.0, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
     # Data.
-    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; folder: "
-                        "the seed CNN on the image folder --data-dir, one class per sub-folder; synthetic: "
-                        "generated images for smoke runs", role=IDENTITY, choices=DATASETS)
-    data_dir: Optional[str] = knob(
+    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; "
+                        "folder: the seed CNN on the image folder --data-dir, one class per sub-folder; "
+                        "synthetic: generated images for smoke runs", role=IDENTITY, choices=DATASETS)
+    data_dir: str | None = knob(
         None, "CIFAR-10 archive (cifar-10-binary.tar.gz / cifar-10-python.tar.gz) or its extracted folder; "
         "for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); an image folder "
         "train/<class>/*, test/<class>/* or a .tar/.tar.gz/.zip of one (folder; cifar10 with its ten class "
@@ -101,11 +120,11 @@ class Config:
     flip: bool = knob(True, "random horizontal flips (the CIFAR-10 seeds')")
     crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
     crop_padding: int = knob(4, "the largest shift of --crop, in pixels")
-    train_split: Optional[int] = knob(
+    train_split: int | None = knob(
         None, "train on the first N images of one file set and test on the rest (the training files, or the "
         "test files when the folder has no training images, e.g. ../shared/data/mnist: --train-split 8000 "
         "gives 8,000 train / 2,000 test)", role=IDENTITY, metavar="N")
-    train_images: Optional[int] = knob(
+    train_images: int | None = knob(
         None, "train on the first N training images only; the test set stays whole (the batch-size sweep's "
         "budget)", role=IDENTITY, metavar="N")
     # Optimisation: SGD + momentum; the learning rate follows `schedule`.
@@ -114,8 +133,8 @@ class Config:
     lr: float = knob(0.1, "the peak learning rate")
     momentum: float = knob(0.9, "SGD momentum")
     nesterov: bool = knob(True, "Nesterov momentum")
-    schedule: str = knob("linear", "step: x --lr-gamma every --lr-step-epochs; linear / cosine: decay to 0 at the "
-                         "last step, after --warmup-epochs of linear warm-up", choices=SCHEDULES)
+    schedule: str = knob("linear", "step: x --lr-gamma every --lr-step-epochs; linear / cosine: decay to 0 "
+                         "at the last step, after --warmup-epochs of linear warm-up", choices=SCHEDULES)
     warmup_epochs: float = knob(1.0, "linear warm-up from 0 to --lr (linear and cosine schedules)")
     lr_step_epochs: int = knob(10, "multiply the learning rate by --lr-gamma every this many epochs")
     lr_gamma: float = knob(0.1, "the step schedule's factor")
@@ -127,9 +146,10 @@ class Config:
     precision: str = knob("f32", "f32, or bf16: convolutions and activations in bfloat16 (parameters, norm "
                           "statistics, loss and updates stay float32)", choices=PRECISIONS)
     eval_batch_size: int = knob(1000, "batch of the per-epoch evaluation", role=RUNTIME)
-    steps_per_call: Optional[int] = knob(
-        None, "training steps per compiled call (one lax.scan); Ctrl-C and the progress bar wait for a call's "
-        "end (default: 1 on CPU, the whole epoch on GPUs and TPUs, whose queue must never wait for Python)",
+    steps_per_call: int | None = knob(
+        None, "training steps per compiled call (one lax.scan); Ctrl-C and the progress bar wait for a "
+        "call's end (default: 1 on CPU, the whole epoch on GPUs and TPUs, whose queue must never wait for "
+        "Python)",
         role=RUNTIME, metavar="N")
 
     @classmethod
@@ -137,7 +157,7 @@ class Config:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["role"] in roles)
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides) -> "Config":
+    def for_dataset(cls, dataset: str, **overrides) -> Config:
         """The defaults for `dataset` (`DATASET_DEFAULTS` over the CIFAR-10 ones), then `overrides`."""
         return cls(**{"dataset": dataset, **DATASET_DEFAULTS.get(dataset, {}), **overrides})
 
@@ -150,8 +170,8 @@ class Config:
         if self.schedule == "step":
             schedule = f"x{self.lr_gamma:g} every {self.lr_step_epochs} epochs"
         else:
-            schedule = (f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else "") + \
-                f"{self.schedule} decay to 0"
+            warmup = f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else ""
+            schedule = f"{warmup}{self.schedule} decay to 0"
         augment = [a for a, on in (("flips", self.flip), (f"pad-{self.crop_padding} crops", self.crop)) if on]
         parts = [f"batch {self.batch_size}", f"{self.epochs} epochs",
                  f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
@@ -162,48 +182,32 @@ class Config:
         parts += [f"L1 {self.l1:g}"] if self.l1 else []
         return ", ".join(parts)
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
+    def from_dict(cls, values: dict) -> Config:
         """A saved config; a field it lacks (saved before the field existed) takes the value such runs
         used (`SAVED_BEFORE_THE_FIELD`), not today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**SAVED_BEFORE_THE_FIELD, **{k: v for k, v in values.items() if k in known}})
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Raise ConfigError for anything that would fail later; returns self for chaining."""
         for f in dataclasses.fields(self):  # inf and nan pass every comparison below: refuse them first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
             if f.metadata["choices"] and value not in f.metadata["choices"]:
-                raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(f.metadata['choices'])}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "width", "transition_width",
-                     "lr_step_epochs", "groups", "crop_padding"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs <= self.epochs:  # = --epochs: a smoke run that only warms up
-            raise ConfigError(f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not self.l1 >= 0:
-            raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
-        for name, (text, ok) in RANGES.items():
-            if not ok(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {getattr(self, name)}")
-        if self.train_split is not None and self.train_split <= 0:
-            raise ConfigError(f"--train-split must be positive, got {self.train_split}")
-        if self.steps_per_call is not None and self.steps_per_call <= 0:
-            raise ConfigError(f"--steps-per-call must be positive, got {self.steps_per_call}")
-        if self.train_images is not None and self.train_images <= 0:
-            raise ConfigError(f"--train-images must be positive, got {self.train_images}")
+                choices = ", ".join(f.metadata["choices"])
+                raise ConfigError(f"unknown {f.name} {value!r}: choose one of {choices}")
+        for name, (rule, ok) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value, self):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
         widths = normalised_widths(self.layers())
         if self.norm == "gn" and any(w % self.groups for w in widths):
             bad = ", ".join(str(w) for w in dict.fromkeys(widths) if w % self.groups)

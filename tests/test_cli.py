@@ -3,19 +3,21 @@ in process (tests/test_robust.py); here one subprocess checks what a shell reall
 
 import dataclasses
 import json
+import typing
 
 import pytest
 
 from conftest import CIFAR_SUBSET, run_script
 from jaxnorm.cli import OneLineParser, add_config_options, config_from_args
-from jaxnorm.config import Config, ConfigError
+from jaxnorm.config import RANGES, Config, ConfigError
 
 
 def test_bad_input_in_a_real_process_is_one_line_exit_2_and_no_stdout(tmp_path):
     result = run_script("train.py", "--norm", "gn", "--groups", "5", "--workdir", tmp_path / "run")
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --groups 5 does not divide the 24 channels"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --groups 5 does not divide the 24 channels")
     assert not (tmp_path / "run").exists()
 
 
@@ -40,7 +42,8 @@ def _config(*argv, **only):
 def test_options_map_onto_the_dataset_defaults_and_the_preset():
     assert _config() == Config()
     assert _config("--dataset", "mnist") == Config.for_dataset("mnist")
-    assert _config("--dataset", "mnist", "--flip", "--epochs", "3") == Config.for_dataset("mnist", flip=True, epochs=3)
+    mnist_flipped = Config.for_dataset("mnist", flip=True, epochs=3)
+    assert _config("--dataset", "mnist", "--flip", "--epochs", "3") == mnist_flipped
     narrow = _config("--preset", "narrow", "--transition-width", "8")
     assert (narrow.width, narrow.transition_width) == (16, 8)  # an explicit width wins over the preset
 
@@ -55,6 +58,15 @@ def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
 def test_width_zero_is_an_error_not_the_preset_width():
     with pytest.raises(ConfigError, match="--width must be positive, got 0"):
         _config("--width", "0")
+
+
+def test_every_numeric_knob_has_a_range_and_none_is_accepted_where_it_is_the_default():
+    numeric = {name for name, kind in typing.get_type_hints(Config).items()
+               if set(typing.get_args(kind) or [kind]) - {type(None)} <= {int, float}}
+    assert numeric == set(RANGES)
+    assert Config(steps_per_call=None, train_split=None).validate()
+    with pytest.raises(ConfigError, match=r"--steps-per-call must be positive, got 0"):
+        Config(steps_per_call=0).validate()
 
 
 def test_a_script_can_take_only_some_fields():
