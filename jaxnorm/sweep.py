@@ -29,10 +29,8 @@ from jaxnorm.config import NORM_NAMES, Config
 from jaxnorm.data import Dataset
 from jaxnorm.evaluate import restore_run
 from jaxnorm.figures import plot_sweep
-from jaxnorm.models import build_model
-from jaxnorm.state import create_train_state
 from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
-from jaxnorm.train import make_epoch_order, make_train_step, one_step_calls, seconds_per_step
+from jaxnorm.train import compiled_train_calls, make_epoch_order, seconds_per_step, setup_run
 from jaxnorm.utils import quiet_absl, read_history, write_json
 
 REFERENCE_BATCH = 128  # the batch the default learning rate belongs to
@@ -233,17 +231,11 @@ def time_steps(base: Config, dataset: Dataset, batch_sizes: Sequence[int], steps
     rows = []
     for b in batch_sizes:
         config = sweep_config(base, base.norm, b, base.seed)
-        mesh = parallel.make_mesh(b)
-        steps_per_epoch = len(dataset.train_images) // b
-        model = build_model(config, *dataset.channel_stats())
-        state = jax.device_put(create_train_state(model, config, dataset.image_shape, steps_per_epoch),
-                               parallel.replicated(mesh))
-        images = parallel.put_replicated(dataset.train_images, mesh)
-        labels = parallel.put_replicated(dataset.train_labels, mesh)
-        step = one_step_calls(make_train_step(config, mesh))
-        order = make_epoch_order(config, mesh, len(dataset.train_images))(0)
-        seconds, _ = seconds_per_step(step, state, images, labels, order, min(steps, steps_per_epoch), repeats)
-        rows.append({"batch_size": b, "devices": mesh.devices.size, "step_ms": 1000 * seconds,
+        run = setup_run(config, dataset)
+        order = make_epoch_order(config, run.mesh, len(dataset.train_images))(0)
+        seconds, _ = seconds_per_step(compiled_train_calls(config, run.mesh, 1), run.state, run.images,
+                                      run.labels, order, min(steps, run.steps_per_epoch), repeats)
+        rows.append({"batch_size": b, "devices": run.mesh.devices.size, "step_ms": 1000 * seconds,
                      "images_per_second": b / seconds,
                      "epoch_seconds": math.floor(len(dataset.train_images) / b) * seconds})
     return rows

@@ -6,7 +6,7 @@
 
 The dataset lives on the devices for the whole run. Each epoch draws a permutation on the device;
 each step gathers its batch from it, augments it and updates the state inside a compiled call of
-`--steps-per-call` steps (one on CPU, the whole epoch on GPUs and TPUs: `make_train_steps`).
+`--steps-per-call` steps (one on CPU, the whole epoch on GPUs and TPUs: `compiled_train_calls`).
 
 `train_and_evaluate` starts or resumes the run (`_start_or_resume`), then trains epoch after epoch
 (`_train_epoch`); the interruption path and the partial epoch it leaves have a section of their own.
@@ -27,9 +27,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,97 +74,9 @@ def _step_key(config: Config, purpose: int, index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), purpose), index)
 
 
-def make_train_step(config: Config, mesh):
-    """train_step(state, images, labels, order, i) -> (state, metrics) for batch `order[i]`."""
-    rep = parallel.replicated(mesh)
-    return jax.jit(_train_step_fn(config, mesh), in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
-
-
-def one_step_calls(train_step):
-    """`train_step` (make_train_step's) as make_train_steps' train_steps with one step per call."""
-    def one_step(state, images, labels, order, start):
-        state, metrics = train_step(state, images, labels, order, start)
-        return state, metrics["loss"][None], metrics["correct"], 1
-    return one_step
-
-
-def make_train_steps(config: Config, mesh, count: int):
-    """train_steps(state, images, labels, order, start) -> (state, losses, correct, n): the next
-    n = min(count, steps left) steps of the epoch `order` from step `start`. `count` steps run as ONE
-    compiled call (`lax.scan`); a shorter tail of the epoch runs step by step. `losses` holds each
-    step's loss, `correct` the summed count. The same updates as calling train_step for each step.
-    On a GPU or TPU one call per epoch keeps the device busy without Python dispatching 390 steps."""
-    one_step = one_step_calls(make_train_step(config, mesh))
-    if count == 1:
-        return one_step
-    step_fn = _train_step_fn(config, mesh)
-    # XLA:CPU runs convolutions inside a loop (or cond) body 15-30x slower than at the top level
-    # (benchmarks/NOTES.md): there the loop is unrolled into straight-line code.
-    unroll = jax.devices()[0].platform == "cpu"
-
-    def steps_fn(state, images, labels, order, start):
-        def body(state, i):
-            state, metrics = step_fn(state, images, labels, order, i)
-            return state, (metrics["loss"], metrics["correct"])
-        state, (losses, correct) = jax.lax.scan(body, state, start + jnp.arange(count), unroll=unroll)
-        return state, losses, jnp.sum(correct)
-
-    rep = parallel.replicated(mesh)
-    compiled = jax.jit(steps_fn, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep, rep),
-                       donate_argnums=(0,))
-
-    def train_steps(state, images, labels, order, start):
-        if len(order) - start < count:
-            return one_step(state, images, labels, order, start)
-        return (*compiled(state, images, labels, order, start), count)
-    return train_steps
-
-
-def epoch_calls(train_steps, state, images, labels, order, start: int = 0, end: Optional[int] = None):
-    """Run steps `start`..`end` (default: the epoch's last) of the epoch `order` in calls of
-    `train_steps` (see make_train_steps), at most `parallel.MAX_CALLS_IN_FLIGHT` calls queued; yields
-    (state, losses, correct, done) after each call, `done` the steps of the epoch taken so far."""
-    end = len(order) if end is None else end
-
-    def calls(state, done):
-        while done < end:
-            state, losses, correct, n = train_steps(state, images, labels, order, done)
-            done += n
-            yield state, losses, correct, done
-
-    return parallel.limit_in_flight(calls(state, start), output=lambda call: call[1])
-
-
-def seconds_per_step(train_steps, state, images, labels, order, steps: int, repeats: int, warmup: int = 1):
-    """Median seconds per step over `repeats` runs of the epoch's first `steps` steps, through
-    `epoch_calls` as training steps; `warmup` steps first (they absorb compilation). Returns
-    (seconds, state)."""
-    def run(state, n):
-        for state, losses, _, _ in epoch_calls(train_steps, state, images, labels, order, 0, n):
-            pass
-        jax.block_until_ready((state, losses))
-        return state
-
-    state = run(state, warmup)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state = run(state, steps)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / steps, state
-
-
-def steps_per_call(config: Config, steps_per_epoch: int) -> int:
-    """config.steps_per_call, or by default 1 on CPU (a signal stops within a step) and the whole epoch
-    on GPUs and TPUs."""
-    if config.steps_per_call is not None:
-        return min(config.steps_per_call, steps_per_epoch)
-    return 1 if jax.devices()[0].platform == "cpu" else steps_per_epoch
-
-
-def _train_step_fn(config: Config, mesh):
-    """The (unjitted) training step shared by make_train_step and make_train_steps."""
+def train_step_fn(config: Config, mesh) -> Callable:
+    """The pure training step, to jit or to scan: train_step(state, images, labels, order, i) ->
+    (state, metrics), one update on batch `order[i]` of the device-resident `images`, augmented."""
     batch_sharding = parallel.data_sharded(mesh)
 
     def train_step(state: TrainState, images, labels, order, i):
@@ -190,6 +103,97 @@ def _train_step_fn(config: Config, mesh):
     return train_step
 
 
+def compiled_train_step(config: Config, mesh) -> Callable:
+    """`train_step_fn` compiled for the mesh (the state donated): one step per call."""
+    rep = parallel.replicated(mesh)
+    return jax.jit(train_step_fn(config, mesh), in_shardings=(rep, rep, rep, rep, None),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def compiled_train_calls(config: Config, mesh, steps_per_call: int,
+                         train_step: Callable | None = None) -> Callable:
+    """train_calls(state, images, labels, order, start) -> (state, losses, correct, n): the next
+    n = min(steps_per_call, steps left) steps of the epoch `order` from step `start`, as ONE compiled
+    call (`lax.scan`); a shorter tail of the epoch runs step by step. `losses` holds each step's loss,
+    `correct` the summed count: the same updates as `train_step` step by step. `train_step` is the
+    single step (default `compiled_train_step`; e.g. one compiled ahead of time to time compilation).
+    On a GPU or TPU one call per epoch keeps the device busy without Python dispatching 390 steps."""
+    train_step = train_step or compiled_train_step(config, mesh)
+
+    def one_step(state, images, labels, order, start):
+        state, metrics = train_step(state, images, labels, order, start)
+        return state, metrics["loss"][None], metrics["correct"], 1
+
+    if steps_per_call == 1:
+        return one_step
+    step_fn = train_step_fn(config, mesh)
+    # XLA:CPU runs convolutions inside a loop (or cond) body 15-30x slower than at the top level
+    # (benchmarks/NOTES.md): there the loop is unrolled into straight-line code.
+    unroll = jax.devices()[0].platform == "cpu"
+
+    def steps_fn(state, images, labels, order, start):
+        def body(state, i):
+            state, metrics = step_fn(state, images, labels, order, i)
+            return state, (metrics["loss"], metrics["correct"])
+        state, (losses, correct) = jax.lax.scan(body, state, start + jnp.arange(steps_per_call),
+                                                unroll=unroll)
+        return state, losses, jnp.sum(correct)
+
+    rep = parallel.replicated(mesh)
+    compiled = jax.jit(steps_fn, in_shardings=(rep, rep, rep, rep, None), out_shardings=(rep, rep, rep),
+                       donate_argnums=(0,))
+
+    def train_calls(state, images, labels, order, start):
+        if len(order) - start < steps_per_call:
+            return one_step(state, images, labels, order, start)
+        return (*compiled(state, images, labels, order, start), steps_per_call)
+    return train_calls
+
+
+def epoch_call_results(train_calls, state, images, labels, order, start: int = 0,
+                       end: int | None = None):
+    """Run steps `start`..`end` (default: the epoch's last) of the epoch `order` in calls of
+    `train_calls` (see compiled_train_calls), at most `parallel.MAX_CALLS_IN_FLIGHT` calls queued;
+    yields each call's (state, losses, correct, done), `done` the steps of the epoch taken so far."""
+    end = len(order) if end is None else end
+
+    def calls(state, done):
+        while done < end:
+            state, losses, correct, n = train_calls(state, images, labels, order, done)
+            done += n
+            yield state, losses, correct, done
+
+    return parallel.limit_in_flight(calls(state, start), output=lambda call: call[1])
+
+
+def seconds_per_step(train_calls, state, images, labels, order, steps: int, repeats: int,
+                     warmup: int = 1):
+    """Median seconds per step over `repeats` runs of the epoch's first `steps` steps, in calls of
+    `train_calls` as training makes them; `warmup` steps first (they absorb compilation). Returns
+    (seconds, state)."""
+    def run(state, n):
+        for call in epoch_call_results(train_calls, state, images, labels, order, 0, n):
+            state, losses = call[0], call[1]
+        jax.block_until_ready((state, losses))
+        return state
+
+    state = run(state, warmup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = run(state, steps)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / steps, state
+
+
+def steps_per_call(config: Config, steps_per_epoch: int) -> int:
+    """config.steps_per_call, or by default 1 on CPU (a signal stops within a step) and the whole epoch
+    on GPUs and TPUs."""
+    if config.steps_per_call is not None:
+        return min(config.steps_per_call, steps_per_epoch)
+    return 1 if jax.devices()[0].platform == "cpu" else steps_per_epoch
+
+
 def make_epoch_order(config: Config, mesh, num_examples: int):
     """epoch_order(epoch) -> (steps, batch) indices: a fresh permutation, the remainder dropped."""
     steps = num_examples // config.batch_size
@@ -203,12 +207,44 @@ def make_epoch_order(config: Config, mesh, num_examples: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# Run setup: what training, the batch-size sweep's step timing and the benchmark put on the devices.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """A fresh run on the devices, as `setup_run` makes it."""
+
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    state: TrainState  # freshly initialised (seed `config.seed`), replicated
+    images: jax.Array  # the training set, replicated: each step gathers its batch on the devices
+    labels: jax.Array
+    steps_per_epoch: int
+    input_mean: tuple  # the training images' per-channel statistics, in [0, 1] units, that the model
+    input_std: tuple   # normalises its input with
+
+
+def setup_run(config: Config, dataset: Dataset) -> RunSetup:
+    """The mesh for `config.batch_size`, the model (with the training images' channel statistics and the
+    dataset's class count), its initial train state and the training set, put on the devices."""
+    mesh = parallel.make_mesh(config.batch_size)
+    steps_per_epoch = len(dataset.train_images) // config.batch_size
+    input_mean, input_std = dataset.channel_stats()
+    model = build_model(config, input_mean, input_std, num_classes=len(dataset.class_names))
+    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
+    return RunSetup(mesh, model, jax.device_put(state, parallel.replicated(mesh)),
+                    images=parallel.put_replicated(dataset.train_images, mesh),
+                    labels=parallel.put_replicated(dataset.train_labels, mesh),
+                    steps_per_epoch=steps_per_epoch, input_mean=input_mean, input_std=input_std)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run.
 
 
 @holding_run_lock  # one process per run folder, taken before anything is written
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
-                       dataset: Optional[Dataset] = None, progress: bool = True) -> dict:
+                       dataset: Dataset | None = None, progress: bool = True) -> dict:
     """Train `config` in `workdir` (checkpoints, metrics.json), evaluating on the test set every epoch.
 
     Returns {'state', 'history', 'num_params', 'summary'}.
@@ -228,7 +264,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         run = _start_or_resume(config, workdir, dataset, checkpoints, latest)
         with stop_requests() as stop:
             for epoch in range(int(run.state.step) // run.steps_per_epoch, config.epochs):
-                if stop.agreed(sync_point=True) is not None:  # arrived after an epoch's last step: it is saved
+                # A signal that arrived after an epoch's last step: that epoch is saved.
+                if stop.agreed(sync_point=True) is not None:
                     raise _interrupted(run, stop.decided)
                 _train_epoch(run, epoch, stop, progress)
     summary = summarize(run.history, run.num_params)
@@ -247,19 +284,19 @@ class _Run:
     steps_per_epoch: int
     state: TrainState
     history: list[dict]
-    partial: Optional[dict]  # the interrupted epoch's {'epoch', 'losses', 'correct'} when resuming mid-epoch
+    partial: dict | None  # the interrupted epoch's {'epoch', 'losses', 'correct'} when resuming mid-epoch
     meta: dict  # saved with every checkpoint (with the history)
     num_params: int
     images: jax.Array
     labels: jax.Array
-    train_steps: Callable  # make_train_steps(config, mesh, steps_per_call)
+    train_calls: Callable  # compiled_train_calls(config, mesh, steps_per_call)
     steps_per_call: int
     epoch_order: Callable
     predict: Callable
     schedule: optax.Schedule
 
 
-def _existing_run(checkpoints: RunCheckpoints, config: Config, resume: bool) -> Optional[int]:
+def _existing_run(checkpoints: RunCheckpoints, config: Config, resume: bool) -> int | None:
     """The latest step of the run in the folder (None if none), checked to be resumable as `config`."""
     latest = checkpoints.latest_step()
     if latest is not None and not resume:
@@ -274,20 +311,17 @@ def _existing_run(checkpoints: RunCheckpoints, config: Config, resume: bool) -> 
 
 
 def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoints: RunCheckpoints,
-                     latest: Optional[int]) -> _Run:
+                     latest: int | None) -> _Run:
     """A fresh state, or the one at step `latest`; the data put on the devices and the steps compiled."""
     num_train = len(dataset.train_images)
     steps_per_epoch = num_train // config.batch_size
-    mesh = parallel.make_mesh(config.batch_size)
     saved = checkpoints.restore_meta(latest) if latest is not None else {}
     if saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise ConfigError(f"cannot resume: {saved['steps_per_epoch']} steps per epoch were saved, this "
                           f"config gives {steps_per_epoch} (another --batch-size or training set?)")
 
-    input_mean, input_std = dataset.channel_stats()
-    model = build_model(config, input_mean, input_std, num_classes=len(dataset.class_names))
-    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
-    state = jax.device_put(state, parallel.replicated(mesh))
+    setup = setup_run(config, dataset)
+    mesh, model, state = setup.mesh, setup.model, setup.state
     num_params = count_params(state.params)
     history, partial = [], None
     if latest is None:
@@ -303,33 +337,32 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
     print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
           f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s) "
           f"| layers: {model.layer_description}")
-    meta = {"config": config.to_dict(), "input_mean": input_mean, "input_std": input_std,
+    meta = {"config": config.to_dict(), "input_mean": setup.input_mean, "input_std": setup.input_std,
             "num_params": num_params, "class_names": list(dataset.class_names),
             "image_shape": list(dataset.image_shape), "data_source": dataset.source,
             "steps_per_epoch": steps_per_epoch}
     per_call = steps_per_call(config, steps_per_epoch)
-    return _Run(config, workdir, checkpoints, dataset, steps_per_epoch, state, history, partial, meta, num_params,
-                images=parallel.put_replicated(dataset.train_images, mesh),
-                labels=parallel.put_replicated(dataset.train_labels, mesh),
-                train_steps=make_train_steps(config, mesh, per_call), steps_per_call=per_call,
+    return _Run(config, workdir, checkpoints, dataset, steps_per_epoch, state, history, partial, meta,
+                num_params, images=setup.images, labels=setup.labels,
+                train_calls=compiled_train_calls(config, mesh, per_call), steps_per_call=per_call,
                 epoch_order=make_epoch_order(config, mesh, num_train),
                 predict=make_predict(mesh, config.eval_batch_size),
                 schedule=learning_rate_schedule(config, steps_per_epoch))
 
 
-def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -> None:
+def _train_epoch(run: _Run, epoch: int, stop: stop_requests, progress: bool) -> None:
     """Train `epoch` (from where a resumed run stopped in it), evaluate, save, append to the history."""
     config, steps = run.config, run.steps_per_epoch
     first = int(run.state.step) - epoch * steps  # steps of this epoch already taken (resuming mid-epoch)
     losses, corrects = _partial_epoch_metrics(run, epoch, first)
     order = run.epoch_order(epoch)
     start = time.perf_counter()
-    bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, initial=first, total=steps, unit="step",
-               disable=not progress or jax.process_index() != 0)
+    bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, initial=first, total=steps,
+               unit="step", disable=not progress or jax.process_index() != 0)
     bar_sums, fetched = [0.0, 0], [len(losses), len(corrects)]  # the bar's loss and correct sums; read so far
     previous = first
-    for run.state, call_losses, call_correct, done in epoch_calls(run.train_steps, run.state, run.images,
-                                                                  run.labels, order, first):
+    calls = epoch_call_results(run.train_calls, run.state, run.images, run.labels, order, first)
+    for run.state, call_losses, call_correct, done in calls:
         losses.append(call_losses)
         corrects.append(call_correct)
         bar.update(done - previous)
@@ -367,7 +400,8 @@ def _train_epoch(run: _Run, epoch: int, stop: "stop_requests", progress: bool) -
             write_json(run.workdir / "metrics.json", run.history)
     tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
                f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
-               f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s | {seconds:.1f}s")
+               f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
+               f"| {seconds:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +418,8 @@ def _save_partial_epoch_and_stop(run: _Run, epoch: int, losses: list, corrects: 
     check_finite(step_losses, epoch, run.steps_per_epoch, run.checkpoints, run.workdir)
     partial = {"epoch": epoch, "losses": [float(x) for x in step_losses],
                "correct": int(np.sum(jax.device_get(corrects)))}
-    run.checkpoints.save(int(run.state.step), run.state, {**run.meta, "history": run.history, "partial": partial})
+    run.checkpoints.save(int(run.state.step), run.state,
+                         {**run.meta, "history": run.history, "partial": partial})
     run.checkpoints.wait()
     raise _interrupted(run, signum)
 
@@ -400,7 +435,7 @@ def _partial_epoch_metrics(run: _Run, epoch: int, first: int) -> tuple[list, lis
     return [np.float32(x) for x in partial["losses"]], [partial["correct"]]
 
 
-def _interrupted(run: _Run, signum: int) -> "TrainingInterrupted":
+def _interrupted(run: _Run, signum: int) -> TrainingInterrupted:
     step = int(run.state.step)
     epoch, index = divmod(step, run.steps_per_epoch)
     when = f"after epoch {epoch}" if index == 0 else f"at epoch {epoch + 1}"
@@ -416,9 +451,10 @@ def check_finite(step_losses: np.ndarray, epoch: int, steps_per_epoch: int, chec
     bad = int(np.argmax(~np.isfinite(step_losses)))
     checkpoints.wait()
     last = checkpoints.latest_step()
-    kept = f"the last good checkpoint is step {last} in {workdir}" if last is not None else "no checkpoint was saved"
-    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1}; {kept} "
-                        "(try a lower --lr)")
+    kept = (f"the last good checkpoint is step {last} in {workdir}" if last is not None
+            else "no checkpoint was saved")
+    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1}; "
+                        f"{kept} (try a lower --lr)")
 
 
 class stop_requests:
@@ -439,7 +475,7 @@ class stop_requests:
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def agreed(self, sync_point: bool) -> Optional[int]:
+    def agreed(self, sync_point: bool) -> int | None:
         """The signal every process stops on (None: go on); see the class docstring."""
         if jax.process_count() == 1:
             self.decided = self.signum

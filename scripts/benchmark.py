@@ -58,31 +58,24 @@ def bench_norm(norm, precision, args):
     import jax
     import numpy as np
 
-    from jaxnorm import parallel
     from jaxnorm.data import synthetic_dataset
-    from jaxnorm.models import build_model
     from jaxnorm.evaluate import make_predict
-    from jaxnorm.state import create_train_state
-    from jaxnorm.train import (epoch_calls, make_epoch_order, make_train_step, make_train_steps, one_step_calls,
-                               seconds_per_step, steps_per_call)
+    from jaxnorm.train import (compiled_train_calls, compiled_train_step, epoch_call_results, make_epoch_order,
+                               seconds_per_step, setup_run, steps_per_call)
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic", precision=precision,
                     steps_per_call=args.steps_per_call).validate()
     data = synthetic_dataset(args.epoch_images, 10_000)
-    mesh = parallel.make_mesh(config.batch_size)
-    steps_per_epoch = args.epoch_images // config.batch_size
-    model = build_model(config, *data.channel_stats())
-    state = jax.device_put(create_train_state(model, config, data.image_shape, steps_per_epoch),
-                           parallel.replicated(mesh))
-    images = parallel.put_replicated(data.train_images, mesh)
-    labels = parallel.put_replicated(data.train_labels, mesh)
+    run = setup_run(config, data)
+    mesh, state, steps_per_epoch = run.mesh, run.state, run.steps_per_epoch
+    images, labels = run.images, run.labels
     order = make_epoch_order(config, mesh, args.epoch_images)(0)
 
-    step = make_train_step(config, mesh)
+    step = compiled_train_step(config, mesh)
     start = time.perf_counter()
     step = step.lower(state, images, labels, order, 0).compile()
     compile_s = time.perf_counter() - start
-    one_step = one_step_calls(step)
+    one_step = compiled_train_calls(config, mesh, 1, train_step=step)
     step_s, state = seconds_per_step(one_step, state, images, labels, order, args.steps, args.repeats,
                                      warmup=min(3, steps_per_epoch))
 
@@ -93,16 +86,16 @@ def bench_norm(norm, precision, args):
     # One epoch as training runs it (no progress bar): calls of steps_per_call steps (1 on CPU, the whole
     # epoch on GPUs/TPUs), the metrics fetched once at the end.
     per_call = steps_per_call(config, steps_per_epoch)
-    train_steps = one_step if per_call == 1 else make_train_steps(config, mesh, per_call)
+    train_calls = one_step if per_call == 1 else compiled_train_calls(config, mesh, per_call)
 
     def epoch():
         nonlocal state
         losses = []
-        for state, call_losses, _, _ in epoch_calls(train_steps, state, images, labels, order):
+        for state, call_losses, _, _ in epoch_call_results(train_calls, state, images, labels, order):
             losses.append(call_losses)
         float(np.mean(np.concatenate(jax.device_get(losses))))
 
-    state, *_ = train_steps(state, images, labels, order, 0)  # compiles a call of several steps
+    state, *_ = train_calls(state, images, labels, order, 0)  # compiles a call of several steps
     epoch_s = timed(epoch, 1)
     return {"norm": norm, "precision": precision, "batch_size": config.batch_size, "devices": mesh.devices.size,
             "compile_s": compile_s, "train_images_per_s": config.batch_size / step_s,

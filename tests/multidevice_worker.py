@@ -20,7 +20,7 @@ from jaxnorm.data import synthetic_dataset
 from jaxnorm.evaluate import make_predict
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
-from jaxnorm.train import make_train_step, train_and_evaluate
+from jaxnorm.train import compiled_train_step, train_and_evaluate
 
 NORMS = ("bn", "gn", "ln")
 DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
@@ -40,7 +40,7 @@ def one_step(norm):
     model = build_model(cfg, *DATA.channel_stats())
     state = jax.device_put(create_train_state(model, cfg, DATA.image_shape, 4), parallel.replicated(mesh))
     images, labels = (parallel.put_replicated(a, mesh) for a in (DATA.train_images, DATA.train_labels))
-    state, _ = make_train_step(cfg, mesh)(state, images, labels, np.arange(16, dtype=np.int32)[None], 0)
+    state, _ = compiled_train_step(cfg, mesh)(state, images, labels, np.arange(16, dtype=np.int32)[None], 0)
     leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})
     return {f"{norm}{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in leaves}
 

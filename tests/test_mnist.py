@@ -14,7 +14,7 @@ from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import DataError, load_dataset, read_idx, split_train_test, synthetic_dataset
 from jaxnorm.models import MnistNet, build_model, count_params, init_variables, l1_penalty
 from jaxnorm.state import create_train_state
-from jaxnorm.train import make_train_step, train_and_evaluate
+from jaxnorm.train import compiled_train_step, train_and_evaluate
 
 MNIST_DIR = SHARED_DATA / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -83,7 +83,7 @@ def test_a_few_steps_drive_the_mnist_net_loss_down(norm, l1):
     mesh = parallel.make_mesh()
     state = create_train_state(build_model(config, *data.channel_stats()), config, data.image_shape, 2)
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = make_train_step(config, mesh)
+    step = compiled_train_step(config, mesh)
     images, labels = (parallel.put_replicated(a, mesh) for a in (data.train_images, data.train_labels))
     order = np.arange(32, dtype=np.int32)[None]
     losses = []

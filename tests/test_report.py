@@ -271,7 +271,7 @@ def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
 def test_prediction_dispatches_its_batches_through_the_queue_limit(trained_run, monkeypatch):
     # All test batches queued at once deadlocked a study's evaluation on two CPU devices, as a whole
     # epoch did in training: predict's batches go through parallel.limit_in_flight (tested with
-    # epoch_calls in test_train_epoch.py).
+    # epoch_call_results in test_train_epoch.py).
     workdir, data, _ = trained_run
     run = restore_run(workdir)
     through, limit = [], parallel.limit_in_flight

@@ -57,7 +57,7 @@ def one_epoch(one_epoch_run, tmp_path):
 
 def signal_at_step(monkeypatch, signum, at_call):
     """Make the train step send `signum` to this process while running its `at_call`-th call."""
-    make = train_lib.make_train_step
+    make = train_lib.compiled_train_step
 
     def make_signalling(config, mesh):
         step, calls = make(config, mesh), [0]
@@ -68,7 +68,7 @@ def signal_at_step(monkeypatch, signum, at_call):
                 os.kill(os.getpid(), signum)
             return step(*args)
         return signalling
-    monkeypatch.setattr(train_lib, "make_train_step", make_signalling)
+    monkeypatch.setattr(train_lib, "compiled_train_step", make_signalling)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,31 +1,21 @@
-import jax
 import numpy as np
 import pytest
 
 from jaxnorm import parallel
 from jaxnorm.checkpoint import RunCheckpoints, abstract_like
 from jaxnorm.config import Config, ConfigError
-from jaxnorm.models import build_model
 from jaxnorm.evaluate import logit_metrics, make_predict
-from jaxnorm.state import create_train_state, learning_rate_schedule
-from jaxnorm.train import TrainingError, make_epoch_order, make_train_step, train_and_evaluate
-
-
-def _setup(config, data):
-    mesh = parallel.make_mesh()
-    model = build_model(config, *data.channel_stats())
-    steps = len(data.train_images) // config.batch_size
-    state = jax.device_put(create_train_state(model, config, data.image_shape, steps), parallel.replicated(mesh))
-    return mesh, state
+from jaxnorm.state import learning_rate_schedule
+from jaxnorm.train import TrainingError, compiled_train_step, make_epoch_order, setup_run, train_and_evaluate
 
 
 @pytest.mark.parametrize("norm,precision", [("bn", "f32"), ("gn", "f32"), ("ln", "f32"), ("bn", "bf16")])
 def test_a_few_steps_drive_the_loss_down(norm, precision, tiny_config, tiny_data):
-    config = tiny_config.replace(norm=norm, batch_size=32, lr=0.1, schedule="step",  # no decay to 0 in 20 steps
-                                 precision=precision)
-    mesh, state = _setup(config, tiny_data)
-    step = make_train_step(config, mesh)
-    images, labels = (parallel.put_replicated(a, mesh) for a in (tiny_data.train_images, tiny_data.train_labels))
+    # The step schedule: no decay to 0 in 20 steps.
+    config = tiny_config.replace(norm=norm, batch_size=32, lr=0.1, schedule="step", precision=precision)
+    run = setup_run(config, tiny_data)
+    state, images, labels = run.state, run.images, run.labels
+    step = compiled_train_step(config, run.mesh)
     order = np.arange(32, dtype=np.int32)[None]  # the same batch every step
     losses = []
     for _ in range(20):
@@ -44,9 +34,9 @@ def test_epoch_order_is_a_permutation_that_changes_per_epoch(tiny_config):
 
 
 def test_predict_handles_a_ragged_last_batch(tiny_config, tiny_data):
-    mesh, state = _setup(tiny_config, tiny_data)
-    images = tiny_data.test_images[:13]
-    logits = make_predict(mesh, 8)(state, images)
+    run = setup_run(tiny_config, tiny_data)
+    state, images = run.state, tiny_data.test_images[:13]
+    logits = make_predict(run.mesh, 8)(state, images)
     direct = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images)
     np.testing.assert_allclose(logits, direct, atol=1e-5)
 
@@ -64,10 +54,11 @@ def test_logit_metrics_match_a_direct_computation():
 def test_checkpoint_restore_gives_identical_evaluation(norm, tiny_config, tiny_data, tmp_path):
     config = tiny_config.replace(norm=norm, epochs=1)
     result = train_and_evaluate(config, tmp_path, dataset=tiny_data, progress=False)
-    mesh, fresh = _setup(config, tiny_data)
+    fresh = setup_run(config, tiny_data)
     checkpoints = RunCheckpoints(tmp_path, read_only=True)
-    restored, meta = checkpoints.restore(checkpoints.latest_step(), abstract_like(fresh, parallel.replicated(mesh)))
-    predict = make_predict(mesh, 32)
+    target = abstract_like(fresh.state, parallel.replicated(fresh.mesh))
+    restored, meta = checkpoints.restore(checkpoints.latest_step(), target)
+    predict = make_predict(fresh.mesh, 32)
     np.testing.assert_array_equal(predict(restored, tiny_data.test_images),
                                   predict(result["state"], tiny_data.test_images))
     assert meta["config"]["norm"] == norm and len(meta["history"]) == 1
@@ -81,7 +72,7 @@ def test_resume_continues_step_schedule_and_history(tiny_config, tiny_data, tmp_
     resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_data, progress=False)
     assert int(resumed["state"].step) == int(straight["state"].step) == 3 * 4
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    for a, b in zip(straight["history"], resumed["history"]):
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
         for key in ("lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
@@ -136,5 +127,6 @@ def test_a_run_as_short_as_its_warm_up_only_warms_up():
 
 
 def test_step_schedule_is_torch_steplr():
-    lr = learning_rate_schedule(Config(lr=0.1, schedule="step", lr_step_epochs=3, lr_gamma=0.5), steps_per_epoch=4)
+    config = Config(lr=0.1, schedule="step", lr_step_epochs=3, lr_gamma=0.5)
+    lr = learning_rate_schedule(config, steps_per_epoch=4)
     assert [float(lr(e * 4)) for e in range(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])

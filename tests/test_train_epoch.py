@@ -15,8 +15,8 @@ from jaxnorm import train as train_lib
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
-from jaxnorm.train import (TrainingInterrupted, make_epoch_order, make_train_step, make_train_steps, steps_per_call,
-                           train_and_evaluate)
+from jaxnorm.train import (TrainingInterrupted, compiled_train_calls, compiled_train_step, make_epoch_order,
+                           steps_per_call, train_and_evaluate)
 
 TIMING = ("seconds", "images_per_second")
 
@@ -39,7 +39,7 @@ def test_calls_of_several_steps_match_the_step_loop(tiny_data, tiny_config):
         model = build_model(config, *tiny_data.channel_stats())
         return jax.device_put(create_train_state(model, config, tiny_data.image_shape, steps), rep)
 
-    step = make_train_step(config, mesh)
+    step = compiled_train_step(config, mesh)
     state, losses, correct = fresh(), [], 0
     for i in range(steps):
         state, metrics = step(state, images, labels, order, i)
@@ -47,7 +47,7 @@ def test_calls_of_several_steps_match_the_step_loop(tiny_data, tiny_config):
         correct += int(metrics["correct"])
 
     # Calls of 3 from step 0: steps 0-2 in one call, then the epoch's last step alone.
-    threes = make_train_steps(config, mesh, 3)
+    threes = compiled_train_calls(config, mesh, 3)
     part, first3, correct3, n3 = threes(fresh(), images, labels, order, 0)
     part, last, correct1, n1 = threes(part, images, labels, order, 3)
     assert (n3, n1, int(part.step)) == (3, 1, steps) and int(correct3) + int(correct1) == correct
@@ -69,7 +69,7 @@ def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny
     assert [h["step"] for h in whole["history"]] == [4]
 
     # SIGINT during the 1st call (steps 1-3): the call finishes, the checkpoint is at step 3.
-    make, calls = train_lib.make_train_steps, [0]
+    make, calls = train_lib.compiled_train_calls, [0]
 
     def signalling(config, mesh, count):
         run = make(config, mesh, count)
@@ -80,7 +80,7 @@ def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny
                 os.kill(os.getpid(), signal.SIGINT)
             return run(*args)
         return call
-    monkeypatch.setattr(train_lib, "make_train_steps", signalling)
+    monkeypatch.setattr(train_lib, "compiled_train_calls", signalling)
     with pytest.raises(TrainingInterrupted, match="SIGINT at epoch 1, step 3"):
         train_and_evaluate(chunked, tmp_path / "stopped", dataset=tiny_data, progress=False)
     monkeypatch.undo()
@@ -89,10 +89,10 @@ def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny
         [{k: v for k, v in h.items() if k not in TIMING} for h in whole["history"]]
 
 
-def test_epoch_calls_keeps_at_most_two_calls_queued():
-    # A whole epoch queued at once deadlocked XLA:CPU's multi-device all-reduce; epoch_calls waits for
-    # the call before last. Fake calls of 3 steps record which calls are still unfinished when the
-    # next one is dispatched.
+def test_epoch_call_results_keeps_at_most_two_calls_queued():
+    # A whole epoch queued at once deadlocked XLA:CPU's multi-device all-reduce; epoch_call_results
+    # waits for the call before last. Fake calls of 3 steps record which calls are still unfinished
+    # when the next one is dispatched.
     unfinished = []
 
     class Pending:
@@ -109,7 +109,7 @@ def test_epoch_calls_keeps_at_most_two_calls_queued():
         n = min(3, len(order) - start)
         return state + n, Pending(start), n, n
 
-    calls = list(train_lib.epoch_calls(train_steps, 0, None, None, order=np.zeros((10, 4)), start=1))
+    calls = list(train_lib.epoch_call_results(train_steps, 0, None, None, order=np.zeros((10, 4)), start=1))
     assert [(state, done) for state, _, _, done in calls] == [(3, 4), (6, 7), (9, 10)]
     assert unfinished == [4, 7]  # the last two calls are left running: the epoch's end fetches them
 
