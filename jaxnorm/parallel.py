@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -46,7 +47,6 @@ def initialize_multihost() -> None:
     """
     env = os.environ
     multihost = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-                
                  or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if multihost:
         jax.distributed.initialize()

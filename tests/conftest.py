@@ -63,7 +63,7 @@ def offline(monkeypatch):
 
 
 def run_script(name, *args, timeout=300, env=None):
-    """Run scripts/<name> in a subprocess (`env`: variables to add); returns CompletedProcess with text output."""
+    """Run scripts/<name> in a subprocess (`env`: variables to add); returns its CompletedProcess (text)."""
     import subprocess
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],

@@ -77,9 +77,9 @@ def test_channel_stats_are_per_channel_in_unit_range(tiny_data):
 def test_flip_mirrors_a_random_half_and_keeps_the_rest():
     images = np.arange(64 * 4 * 4 * 3, dtype=np.float32).reshape(64, 4, 4, 3)
     out = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
-    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)]
-    kept = [np.array_equal(o, i) for o, i in zip(out, images)]
-    assert all(f or k for f, k in zip(flipped, kept))
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images, strict=True)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, images, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
     assert 16 < sum(flipped) < 48
     again = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
     np.testing.assert_array_equal(out, again)  # driven by the key alone
@@ -91,7 +91,7 @@ def test_crop_shifts_images_within_the_padding():
     assert out.shape == images.shape and out.dtype == images.dtype
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     shifts = []
-    for o, p in zip(out, padded):  # each output is the padded image seen through an 8x8 window at (dy, dx)
+    for o, p in zip(out, padded, strict=True):  # each output: the padded image seen through an 8x8 window
         found = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(o, p[dy:dy + 8, dx:dx + 8])]
         assert found, "an output is not a crop within the 2-pixel padding"
         shifts.append(found[0])

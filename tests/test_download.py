@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import CIFAR_SUBSET, run_script
 
+from conftest import CIFAR_SUBSET, run_script
 from jaxnorm import download
 from jaxnorm.data import DataError, load_dataset
 
