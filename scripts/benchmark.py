@@ -1,4 +1,4 @@
-"""Training and evaluation speed of the seed CNN on whatever devices JAX sees.
+"""Training and evaluation speed of the CIFAR-10 network on whatever devices JAX sees.
 
     python scripts/benchmark.py                           # bn, gn, ln at batch 128, table printed last
     python scripts/benchmark.py --norm gn --batch-size 256 --json bench.json
@@ -9,7 +9,9 @@ compilation excluded); evaluation throughput; and one whole epoch of --epoch-ima
 images through the same loop as training, against the sum of its steps (the host overhead). When PyTorch is
 installed, the same network in PyTorch (benchmarks/torch_reference.py, CPU, NCHW, one thread per
 core, float32) is measured once per norm, in a subprocess so the two thread pools never compete, and
-the table shows jaxnorm / PyTorch. Results go to --json (default benchmarks/<platform>-<n>dev.json).
+the table shows jaxnorm / PyTorch. Results go to --json (default benchmarks/<platform>-<n>dev.json), with
+the compiled step's scratch memory per row and the process's peak device memory (GPU, TPU).
+The layers are the platform's (the first line names them); JAXNORM_LAYERS=cpu|flax measures the other set.
 """
 
 import importlib.util
@@ -23,6 +25,8 @@ import time
 
 from jaxnorm.cli import OneLineParser, run_main
 from jaxnorm.config import NORMS, PRECISIONS, Config
+from jaxnorm.devices import layer_choice
+from jaxnorm.layers import LAYER_SETS
 
 
 def parse_args(argv=None):
@@ -60,8 +64,15 @@ def bench_norm(norm, precision, args):
 
     from jaxnorm.data import synthetic_dataset
     from jaxnorm.evaluate import make_predict
-    from jaxnorm.train import (compiled_train_calls, compiled_train_step, epoch_call_results, make_epoch_order,
-                               seconds_per_step, setup_run, steps_per_call)
+    from jaxnorm.train import (
+        compiled_train_calls,
+        compiled_train_step,
+        epoch_call_results,
+        make_epoch_order,
+        seconds_per_step,
+        setup_run,
+        steps_per_call,
+    )
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic", precision=precision,
                     steps_per_call=args.steps_per_call).validate()
@@ -75,6 +86,7 @@ def bench_norm(norm, precision, args):
     start = time.perf_counter()
     step = step.lower(state, images, labels, order, 0).compile()
     compile_s = time.perf_counter() - start
+    memory = step.memory_analysis()  # the step's scratch memory (the CPU layers' im2col patches live here)
     one_step = compiled_train_calls(config, mesh, 1, train_step=step)
     step_s, state = seconds_per_step(one_step, state, images, labels, order, args.steps, args.repeats,
                                      warmup=min(3, steps_per_epoch))
@@ -97,8 +109,10 @@ def bench_norm(norm, precision, args):
 
     state, *_ = train_calls(state, images, labels, order, 0)  # compiles a call of several steps
     epoch_s = timed(epoch, 1)
-    return {"norm": norm, "precision": precision, "batch_size": config.batch_size, "devices": mesh.devices.size,
-            "compile_s": compile_s, "train_images_per_s": config.batch_size / step_s,
+    return {"norm": norm, "precision": precision, "layers": run.model.layer_set,
+            "batch_size": config.batch_size, "devices": mesh.devices.size, "compile_s": compile_s,
+            "step_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+            "epoch_images_per_s": steps_per_epoch * config.batch_size / epoch_s, "train_images_per_s": config.batch_size / step_s,
             "eval_images_per_s": len(data.test_images) / eval_s, "epoch_s": epoch_s,
             "steps_sum_s": steps_per_epoch * step_s, "steps_per_call": per_call,
             "epoch_overhead": (epoch_s - steps_per_epoch * step_s) / epoch_s}
@@ -131,7 +145,8 @@ def main(argv=None):
     print(f"device: {device.device_kind} ({device.platform}) x {jax.device_count()} | jax {jax.__version__} "
           f"flax {flax.__version__} optax {optax.__version__} | python {platform.python_version()} "
           f"| {os.cpu_count()} CPU cores | PyTorch reference: "
-          f"{'yes' if with_torch else 'no (--no-torch)' if args.no_torch else 'no (not installed)'}")
+          f"{'yes' if with_torch else 'no (--no-torch)' if args.no_torch else 'no (not installed)'} "
+          f"| layers: {LAYER_SETS[layer_choice()].description}")
     rows = []
     for norm in args.norm:
         torch = None
@@ -157,7 +172,10 @@ def main(argv=None):
     path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE), f"{device.platform}-{jax.device_count()}dev.json")
     with open(path, "w") as f:
         json.dump({"device": str(device.device_kind), "platform": device.platform, "devices": jax.device_count(),
-                   "cpu_cores": os.cpu_count(), "jax": jax.__version__, "results": rows}, f, indent=1)
+                   "cpu_cores": os.cpu_count(), "jax": jax.__version__, "layers": layer_choice(),
+                   # The process's peak, over every row (None where the platform does not say: the CPU).
+                   "peak_device_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
+                   "results": rows}, f, indent=1)
     print("\n".join(lines))
     print(f"wrote {path}")
 

@@ -21,3 +21,19 @@ def test_benchmark_refuses_more_timed_steps_than_an_epoch_has():
     result = run_script("benchmark.py", "--batch-size", "16", "--steps", "5", "--epoch-images", "64", "--no-torch")
     assert result.returncode == 2
     assert "--steps must be in 1..4" in result.stderr.strip().splitlines()[-1]
+
+
+def test_gpu_check_measures_both_layer_sets_and_times_a_run(tmp_path):
+    # The GPU check on a tiny budget: any machine runs it (here the CPU: no device memory figure).
+    out = tmp_path / "check.json"
+    result = run_script("gpu_check.py", "--norm", "ln", "--run-norm", "ln", "--dataset", "synthetic",
+                        "--epochs", "1", "--batch-size", "16", "--steps", "2", "--repeats", "1",
+                        "--epoch-images", "64", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stderr
+    check = json.loads(out.read_text())
+    assert {layers: [r["layers"] for r in b["results"]] for layers, b in check["benchmarks"].items()} == \
+        {"flax": ["flax"], "cpu": ["cpu"]}
+    assert all(r["train_images_per_s"] > 0 for b in check["benchmarks"].values() for r in b["results"])
+    assert check["run"]["epochs"] == 1 and check["run"]["wall_s"] > check["run"]["epochs_s"] > 0
+    assert "| flax | ln |" in result.stdout and "| cpu | ln |" in result.stdout
+    assert "1 epochs of ln (synthetic" in result.stdout

@@ -21,38 +21,73 @@ from jaxnorm.train import (TrainingInterrupted, compiled_train_calls, compiled_t
 TIMING = ("seconds", "images_per_second")
 
 
-def _close(a, b):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+def _close(a, b, rtol=1e-4, atol=1e-6):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol),
                            jax.device_get(a), jax.device_get(b))
 
 
+class _Epoch:
+    """One epoch of the tiny data (4 steps), on the devices, and fresh states to train through it."""
+
+    def __init__(self, config, data):
+        self.config, self.data = config, data
+        self.mesh = parallel.make_mesh(config.batch_size)
+        self.steps = len(data.train_images) // config.batch_size
+        self.images = parallel.put_replicated(data.train_images, self.mesh)
+        self.labels = parallel.put_replicated(data.train_labels, self.mesh)
+        self.order = make_epoch_order(config, self.mesh, len(data.train_images))(0)
+
+    def fresh(self, layer_set=None):
+        model = build_model(self.config, *self.data.channel_stats(), layer_set=layer_set)
+        state = create_train_state(model, self.config, self.data.image_shape, self.steps)
+        return jax.device_put(state, parallel.replicated(self.mesh))
+
+    def step_by_step(self, layer_set=None):
+        """The state after the epoch, each step's loss and the correct count, one compiled step per call."""
+        step = compiled_train_step(self.config, self.mesh)
+        state, losses, correct = self.fresh(layer_set), [], 0
+        for i in range(self.steps):
+            state, metrics = step(state, self.images, self.labels, self.order, i)
+            losses.append(float(metrics["loss"]))
+            correct += int(metrics["correct"])
+        return state, losses, correct
+
+
 def test_calls_of_several_steps_match_the_step_loop(tiny_data, tiny_config):
-    config = dataclasses.replace(tiny_config, norm="bn")
-    mesh = parallel.make_mesh(config.batch_size)
-    steps = len(tiny_data.train_images) // config.batch_size  # 4
-    rep = parallel.replicated(mesh)
-    images = parallel.put_replicated(tiny_data.train_images, mesh)
-    labels = parallel.put_replicated(tiny_data.train_labels, mesh)
-    order = make_epoch_order(config, mesh, len(tiny_data.train_images))(0)
-
-    def fresh():
-        model = build_model(config, *tiny_data.channel_stats())
-        return jax.device_put(create_train_state(model, config, tiny_data.image_shape, steps), rep)
-
-    step = compiled_train_step(config, mesh)
-    state, losses, correct = fresh(), [], 0
-    for i in range(steps):
-        state, metrics = step(state, images, labels, order, i)
-        losses.append(float(metrics["loss"]))
-        correct += int(metrics["correct"])
+    epoch = _Epoch(dataclasses.replace(tiny_config, norm="bn"), tiny_data)
+    state, losses, correct = epoch.step_by_step()
+    images, labels, order, steps = epoch.images, epoch.labels, epoch.order, epoch.steps
 
     # Calls of 3 from step 0: steps 0-2 in one call, then the epoch's last step alone.
-    threes = compiled_train_calls(config, mesh, 3)
-    part, first3, correct3, n3 = threes(fresh(), images, labels, order, 0)
+    threes = compiled_train_calls(epoch.config, epoch.mesh, 3)
+    part, first3, correct3, n3 = threes(epoch.fresh(), images, labels, order, 0)
     part, last, correct1, n1 = threes(part, images, labels, order, 3)
     assert (n3, n1, int(part.step)) == (3, 1, steps) and int(correct3) + int(correct1) == correct
     np.testing.assert_allclose(np.concatenate([first3, last]), losses, rtol=1e-5)
     _close(part.params, state.params)
+
+
+@pytest.mark.parametrize("layer_set,precision", [("flax", "f32"), ("flax", "bf16"), ("cpu", "bf16")])
+def test_the_accelerator_loop_matches_the_step_loop(tiny_data, tiny_config, monkeypatch, layer_set,
+                                                     precision):
+    # What a GPU or TPU runs, on the CPU: the whole epoch as one compiled call (--steps-per-call = the
+    # epoch's steps) with its loop rolled, as there (the CPU unrolls it), and flax's layers or the CPU's.
+    # The CPU's layers in float32 are the test above (a call of 3 steps).
+    scan = jax.lax.scan
+    monkeypatch.setattr(jax.lax, "scan", lambda *args, unroll=1, **kwargs: scan(*args, unroll=1, **kwargs))
+    epoch = _Epoch(tiny_config.replace(norm="bn", precision=precision), tiny_data)
+    state, losses, correct = epoch.step_by_step(layer_set)
+    whole_epoch = compiled_train_calls(epoch.config, epoch.mesh, epoch.steps)
+    start = epoch.fresh(layer_set)
+    assert start.apply_fn.__self__.layer_set == layer_set
+    called, call_losses, call_correct, n = whole_epoch(start, epoch.images, epoch.labels, epoch.order, 0)
+    assert n == epoch.steps and int(called.step) == epoch.steps
+    # float32: the same arithmetic, perhaps in another order; bfloat16 keeps 8 bits of each activation.
+    tight = precision == "f32"
+    np.testing.assert_allclose(call_losses, losses, rtol=1e-5 if tight else 1e-2)
+    assert abs(int(call_correct) - correct) <= (0 if tight else 1)
+    _close((called.params, called.batch_stats), (state.params, state.batch_stats),
+           **({"rtol": 1e-4, "atol": 1e-6} if tight else {"rtol": 5e-2, "atol": 1e-3}))
 
 
 def test_the_default_is_one_step_per_call_on_cpu_and_a_value_is_checked():
