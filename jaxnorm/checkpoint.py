@@ -3,12 +3,15 @@
 Layout: `<workdir>/ckpt/<step>/{state,meta}`. Each save is atomic (Orbax writes to a temporary
 `<step>.orbax-checkpoint-tmp-*` folder and renames it), so a run killed mid-save leaves the previous
 checkpoint as the latest one; temporary folders are never listed as steps.
-The last `keep` checkpoints and the best one by test accuracy are kept. A checkpoint saved mid-epoch
-(on Ctrl-C / SIGTERM) has no test accuracy: it counts for "latest", never for "best".
+The last `keep` checkpoints and the best one by the per-epoch evaluation accuracy are kept. A
+checkpoint saved mid-epoch (on Ctrl-C / SIGTERM) has no accuracy: it counts for "latest", never for
+"best". Readers use the final checkpoint; "best" is offered only for a run with a validation split
+(`--train-split`), where the per-epoch evaluation is on validation images: choosing a checkpoint by
+test accuracy would report a figure selected on the test set.
 
 Readers (evaluation, reports) open a run with `RunCheckpoints(path, read_only=True)` and call
-`require_latest_step()` / `require_best_step()`: a missing, empty, half-written or foreign folder
-raises `CheckpointError` with one line saying which.
+`require_latest_step()` / `require_best_validation_step()`: a missing, empty, half-written or foreign
+folder raises `CheckpointError` with one line saying which.
 
 Integrity: every save records a CRC32 of each state array's bytes (the host copy, taken when the save
 starts) in the checkpoint's meta; `restore` recomputes them from the restored arrays, so a changed
@@ -131,9 +134,14 @@ class RunCheckpoints:
             raise CheckpointError(self._why_no_steps())
         return self.readable_meta()[0]  # raises for a foreign run, falls back past unreadable ones
 
-    def require_best_step(self) -> int:
-        """The end-of-epoch checkpoint with the best test accuracy (the latest if none has one)."""
-        latest = self.require_latest_step()
+    def require_best_validation_step(self) -> int:
+        """The end-of-epoch checkpoint with the best validation accuracy (the latest if none has one);
+        CheckpointError for a run without a validation split, whose per-epoch figures are test figures."""
+        latest, meta = self.readable_meta(prefer=self.require_latest_step())
+        if not meta["config"].get("train_split"):
+            raise CheckpointError(f"{self.workdir} has no validation split (--train-split): its per-epoch "
+                                  "accuracy is on the test set, so no best checkpoint is chosen; use the "
+                                  "final one")
         best = self.best_step()
         return latest if best is None else self.readable_meta(prefer=best)[0]
 

@@ -165,17 +165,27 @@ class Config:
         """The layers of the network this config builds (see `jaxnorm.networks`)."""
         return network_layers(self.dataset, self.width, self.transition_width)
 
-    def recipe(self) -> str:
-        """The training recipe in one line, for reports."""
+    @property
+    def evaluation_set(self) -> str:
+        """What the per-epoch evaluation measures: "validation" with --train-split (images held out of
+        the training files), else "test"."""
+        return "validation" if self.train_split else "test"
+
+    def recipe(self, *, lr_scaled_with_batch: bool = False) -> str:
+        """The training recipe in one line, for reports. `lr_scaled_with_batch`: the recipe of a batch-size
+        sweep, "batch B" and the learning rate scaled linearly from this config's batch."""
         if self.schedule == "step":
             schedule = f"x{self.lr_gamma:g} every {self.lr_step_epochs} epochs"
         else:
             warmup = f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else ""
             schedule = f"{warmup}{self.schedule} decay to 0"
         augment = [a for a, on in (("flips", self.flip), (f"pad-{self.crop_padding} crops", self.crop)) if on]
-        parts = [f"batch {self.batch_size}", f"{self.epochs} epochs",
+        batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
+        if lr_scaled_with_batch:
+            batch, lr = "batch B", f"lr {self.lr:g} x B / {self.batch_size}"
+        parts = [batch, f"{self.epochs} epochs",
                  f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
-                 f"lr {self.lr:g} ({schedule})", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
+                 f"{lr} ({schedule})", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
                  ", ".join(augment) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
         parts += ["bfloat16 compute"] if self.precision == "bf16" else []

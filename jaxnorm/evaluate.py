@@ -1,8 +1,12 @@
 """Evaluation: predict and metrics on the device, restoring a run from its folder, and its report files.
 
     from jaxnorm.evaluate import restore_run, dataset_for_run, write_run_report
-    run = restore_run("checkpoints/bn")                 # best checkpoint, model rebuilt from its config
+    run = restore_run("checkpoints/bn")                 # final checkpoint, model rebuilt from its config
     record = write_run_report(run, dataset_for_run(run))  # evaluation.json, misclassified.png, curves.png
+
+A run's per-epoch evaluation is on the test set, or with --train-split on validation images held out of
+the training files (`Config.evaluation_set`); reports say which. Nothing is chosen on the test set: the
+final checkpoint is the default, and "best" exists only as the best validation checkpoint.
 
 Everything here is measured from a checkpoint or computed from the model; nothing is typed by hand.
 Training uses `make_predict` and `logit_metrics` for its per-epoch test figures, so both report the same.
@@ -10,11 +14,12 @@ Training uses `make_predict` and `logit_metrics` for its per-epoch test figures,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +29,7 @@ import numpy as np
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxnorm.config import NORM_NAMES, Config
-from jaxnorm.data import Dataset, DataError, first_train_images, load_dataset
+from jaxnorm.data import DataError, Dataset, first_train_images, load_dataset
 from jaxnorm.figures import misclassified_grid, plot_curves
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
@@ -107,25 +112,30 @@ def choose_misclassified(logits, labels, count: int) -> list[dict]:
              "probability": float(m["probability"][i])} for i in wrong]
 
 
-def summarize(history: list[dict], num_params: int) -> dict:
-    """Final and best accuracies of a run's history (the line train.py prints at the end)."""
+def summarize(history: list[dict], num_params: int, evaluation_set: str = "test") -> dict:
+    """The final accuracies of a run's history (the line train.py prints at the end); with a validation
+    split also the best validation epoch. `final_test_accuracy` is on `evaluation_set` (the history's
+    `test_accuracy`)."""
     if not history:
         return {"num_params": num_params, "epochs": 0}
     last = history[-1]
-    return {"num_params": num_params, "epochs": len(history),
-            "final_train_accuracy": last["train_accuracy"], "final_test_accuracy": last["test_accuracy"],
-            "best_train_accuracy": max(h["train_accuracy"] for h in history),
-            "best_test_accuracy": max(h["test_accuracy"] for h in history),
-            "best_test_epoch": max(history, key=lambda h: h["test_accuracy"])["epoch"],
-            "seconds": sum(h["seconds"] for h in history)}
+    summary = {"num_params": num_params, "epochs": len(history), "evaluation_set": evaluation_set,
+               "final_train_accuracy": last["train_accuracy"], "final_test_accuracy": last["test_accuracy"],
+               "seconds": sum(h["seconds"] for h in history)}
+    if evaluation_set == "validation":
+        best = max(history, key=lambda h: h["test_accuracy"])
+        summary.update(best_validation_accuracy=best["test_accuracy"], best_validation_epoch=best["epoch"])
+    return summary
 
 
 def format_summary(norm: str, s: dict) -> str:
     if not s.get("epochs"):
         return f"{norm}: {s['num_params']:,} parameters, no epochs trained"
-    return (f"{norm}: {s['num_params']:,} parameters | final train {s['final_train_accuracy']:.2%} "
-            f"test {s['final_test_accuracy']:.2%} | best train {s['best_train_accuracy']:.2%} "
-            f"test {s['best_test_accuracy']:.2%} (epoch {s['best_test_epoch']})")
+    line = (f"{norm}: {s['num_params']:,} parameters | final train {s['final_train_accuracy']:.2%} "
+            f"{s['evaluation_set']} {s['final_test_accuracy']:.2%}")
+    if "best_validation_accuracy" in s:
+        line += f" | best validation {s['best_validation_accuracy']:.2%} (epoch {s['best_validation_epoch']})"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,17 +159,27 @@ class RestoredRun:
         return len(self.meta["history"])
 
 
-def restore_run(workdir: str | Path, step: Optional[int] = None, *, final: bool = False) -> RestoredRun:
-    """The run in `workdir` at `step` (default: the best by test accuracy, or with `final` the latest;
-    an unreadable one is skipped with a warning for the newest readable one, while an unreadable `step`
-    is an error).
+@contextlib.contextmanager
+def reading_checkpoints(workdir: str | Path) -> Iterator[RunCheckpoints]:
+    """The run's checkpoints opened read-only (nothing is created or changed), closed on exit; a missing
+    or foreign folder is a CheckpointError."""
+    with quiet_absl():  # Orbax warns on every read-only manager; the user asked for nothing wrong
+        checkpoints = RunCheckpoints(workdir, read_only=True)
+    try:
+        yield checkpoints
+    finally:
+        checkpoints.close()
+
+
+def restore_run(workdir: str | Path, step: Optional[int] = None, *, best: bool = False) -> RestoredRun:
+    """The run in `workdir` at `step`, by default its final checkpoint; with `best` the checkpoint of
+    the best validation accuracy (only for a run with a validation split). An unreadable checkpoint is
+    skipped with a warning for the newest readable one, while an unreadable `step` is an error.
 
     The model is rebuilt from the config saved in the checkpoint, and the state restored onto the
     devices of this process (one CPU is fine) through an abstract target, whatever wrote it.
     """
-    with quiet_absl():  # Orbax warns on every read-only manager; the user asked for nothing wrong
-        checkpoints = RunCheckpoints(workdir, read_only=True)
-    try:
+    with reading_checkpoints(workdir) as checkpoints:
         checkpoints.require_latest_step()  # the one message for empty or half-written folders
         mesh = parallel.make_mesh()
 
@@ -175,10 +195,9 @@ def restore_run(workdir: str | Path, step: Optional[int] = None, *, final: bool 
         if step is not None:
             state, meta = checkpoints.restore(step, target(checkpoints.restore_meta(step)))
         else:
-            step, state, meta = checkpoints.restore_readable(target, prefer=None if final else checkpoints.best_step())
+            prefer = checkpoints.require_best_validation_step() if best else None  # None: the newest readable
+            step, state, meta = checkpoints.restore_readable(target, prefer=prefer)
         _, newest = checkpoints.readable_meta()  # the whole run's history, whichever step is restored
-    finally:
-        checkpoints.close()
     return RestoredRun(Path(workdir), int(step), Config.from_dict(meta["config"]), meta, _model_of(meta), state,
                        mesh, newest["history"])
 
@@ -246,12 +265,21 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
     return "\n".join(lines)
 
 
-def run_title(run: RestoredRun, test_accuracy: float) -> str:
-    """Two short lines, so the title fits even the narrow default grid."""
-    c = run.config
-    norm = NORM_NAMES[c.norm] + (f" ({c.groups} groups)" if c.norm == "gn" else "")
-    return (f"{norm}{' + skip' if c.skip else ''} | {run.meta['num_params']:,} parameters\n"
-            f"test accuracy {test_accuracy:.2%} (step {run.step})")
+def variant_parts(config: Config) -> list[str]:
+    """What sets a run apart from the plain network: ["skip connections", "L1 1e-05"]."""
+    return (["skip connections"] if config.skip else []) + ([f"L1 {config.l1:g}"] if config.l1 else [])
+
+
+def network_name(config: Config) -> str:
+    """Titles, legends: "GroupNorm (8 groups) + skip connections", "BatchNorm + L1 1e-05"."""
+    norm = NORM_NAMES[config.norm] + (f" ({config.groups} groups)" if config.norm == "gn" else "")
+    return "".join([norm, *(f" + {part}" for part in variant_parts(config))])
+
+
+def run_title(run: RestoredRun, accuracy: float) -> str:
+    """Two short lines (the figures wrap a longer one): the network, then what was measured."""
+    return (f"{network_name(run.config)}\n{run.meta['num_params']:,} parameters | "
+            f"{run.config.evaluation_set} accuracy {accuracy:.2%} (step {run.step})")
 
 
 def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols: int = 2,
@@ -265,8 +293,10 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
     misclassified_grid(dataset.test_images, chosen, dataset.class_names, run.workdir / "misclassified.png",
                        rows=rows, cols=cols, title=title)
     if run.history:
-        plot_curves({run.config.norm: [run.history]}, run.workdir / "curves.png", title=title.replace("\n", " | "))
+        plot_curves({network_name(run.config): [run.history]}, run.workdir / "curves.png",
+                    title=title.replace("\n", " | "), evaluation_set=run.config.evaluation_set)
     record = {"workdir": str(run.workdir), "step": run.step, "epoch": run.epoch,
+              "evaluation_set": run.config.evaluation_set,  # what "test" measures: "test" or "validation"
               "config": run.config.to_dict(), "num_params": run.meta["num_params"],
               "data_source": dataset.source, "class_names": list(dataset.class_names),
               "train": results["train"], "test": results["test"],

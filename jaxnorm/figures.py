@@ -1,10 +1,13 @@
-"""The figures of a run or a study: a grid of misclassified images and the loss/accuracy curves.
+"""The figures of a run or a study: a grid of misclassified images, the loss/accuracy curves and the
+batch-size sweep's error against batch size.
 
-Matplotlib is used here only, through `Figure` objects (no pyplot state, no display needed).
+Matplotlib is used here only, through `Figure` objects (no pyplot state, no display needed). Titles
+are wrapped to the figure's width (`_wrapped`), so a long name or path is never cut off.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -35,14 +38,22 @@ def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: 
                      f"({c['probability']:.0%})", fontsize=9)
     if not chosen:
         axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=10)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrapped(title, fig, 10), fontsize=10)
     fig.savefig(path, dpi=100)
     return fig
 
 
-def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "") -> Figure:
-    """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, test solid with filled ones;
-    each label's mean over its histories."""
+def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
+    """`title` with every line wrapped to the figure's width, so no part of it falls outside."""
+    chars = int(fig.get_figwidth() * 72 / (0.62 * fontsize))  # DejaVu Sans averages under 0.62 em a glyph
+    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
+
+
+def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "",
+                evaluation_set: str = "test") -> Figure:
+    """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, the per-epoch
+    evaluation (`evaluation_set`: "test" or "validation") solid with filled ones; each label's mean over
+    its histories."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -53,33 +64,36 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
         x = np.arange(1, epochs + 1)
         marker = "o" if epochs <= 20 else None
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
-            for split, style, fill in (("train", "--", "none"), ("test", "-", "full")):
+            for split, name, style, fill in (("train", "train", "--", "none"),
+                                             ("test", evaluation_set, "-", "full")):
                 y = scale * np.mean([[e[f"{split}_{key}"] for e in h[:epochs]] for h in histories], axis=0)
                 ax.plot(x, y, style, color=color, marker=marker, fillstyle=fill, markersize=5,
-                        label=f"{label} {split}")
+                        label=f"{label} {name}")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrapped(title, fig, 10), fontsize=10)
     fig.savefig(path, dpi=100)
     return fig
 
 
 def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path, title: str = "") -> Figure:
-    """Test error against batch size (`jaxnorm.sweep.sweep_series`), log2 x-axis from large to small
-    batches as in the GroupNorm paper's figure 1; one line per series, the seeds' min-max range shaded,
-    BatchNorm with batch statistics dashed."""
-    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    """Test error (%) against batch size (`jaxnorm.sweep.sweep_series`) in the GroupNorm paper's layout:
+    batch on a log2 axis, decreasing to the right; one colour per norm, BatchNorm's running averages
+    solid and its batch statistics dashed; mean ± std over the seeds as error bars. The series are
+    shifted a little sideways so that error bars at the same batch stay apart."""
+    fig = Figure(figsize=(7.0, 5.2), layout="constrained")
     ax = fig.subplots()
-    colors = {"bn": "tab:blue", "gn": "tab:red", "ln": "tab:green"}
-    for line in series:
-        color = colors.get(line["norm"])
-        ax.plot(line["batch_sizes"], line["mean"], "--" if line["batch_stats"] else "-", marker="o",
-                color=color, label=line["label"])
-        ax.fill_between(line["batch_sizes"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
+    colors = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
+    shifts = np.linspace(-0.06, 0.06, len(series)) if len(series) > 1 else [0.0]  # in log2 units
+    for line, shift in zip(series, shifts):
+        x = np.asarray(line["batch_sizes"], float) * 2.0 ** shift
+        ax.errorbar(x, line["mean"], yerr=line["std"], fmt="s--" if line["batch_stats"] else "o-",
+                    color=colors.get(line["norm"]), mfc="white" if line["batch_stats"] else None,
+                    capsize=4, elinewidth=1, markersize=6, label=line["label"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])
     ax.minorticks_off()
@@ -87,8 +101,7 @@ def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path,
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never on a line
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=9, title="mean ± std over seeds", title_fontsize=8)
+    ax.set_title(_wrapped(title, fig, 10), fontsize=10)
     fig.savefig(path, dpi=110)
     return fig
-

@@ -9,22 +9,29 @@ and a subset of CIFAR-10 is labelled as such.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxnorm.checkpoint import CheckpointError, RunCheckpoints
+from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import IDENTITY, NORM_NAMES, RECIPE, Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
+from jaxnorm.evaluate import network_name, reading_checkpoints, variant_parts
 from jaxnorm.figures import plot_curves
 from jaxnorm.train import train_and_evaluate
-from jaxnorm.utils import quiet_absl
 
 BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
-# A reused run must share every field that shapes its result with the study's config; more epochs
-# than it has are trained on top of it.
+# A reused run must share every field that shapes its result with the study's config. The epochs too,
+# except that a step-schedule run may be extended: its learning rate does not depend on the total,
+# while a linear or cosine decay extended to more epochs is not the longer recipe.
 STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f != "epochs")
+
+
+def report_command(script_file: str, argv: Sequence[str]) -> str:
+    """The command that produced a report, as the report prints it: `python scripts/<name> <argv>`."""
+    return shlex.join(["python", f"scripts/{Path(script_file).name}", *argv])
 
 
 def dataset_name(name: str, dataset: Dataset) -> str:
@@ -75,16 +82,14 @@ def finished_epochs(workdir: Path, config: Config) -> int:
     """Epochs already trained in `workdir` (0 if none), after checking the run is `config`'s."""
     if not (Path(workdir) / "ckpt").is_dir():
         return 0
-    with quiet_absl():
-        checkpoints = RunCheckpoints(workdir, read_only=True)
-    try:
+    with reading_checkpoints(workdir) as checkpoints:
         if checkpoints.latest_step() is None:
             return 0
         _, meta = checkpoints.readable_meta()  # past unreadable checkpoints, with a warning
-    finally:
-        checkpoints.close()
     saved = Config.from_dict(meta.get("config", {}))
-    diffs = [f"{k} {getattr(saved, k)!r} (study: {getattr(config, k)!r})" for k in STUDY_IDENTITY
+    extendable = saved.schedule == "step" and saved.epochs < config.epochs
+    fields = STUDY_IDENTITY + (() if extendable else ("epochs",))
+    diffs = [f"{k} {getattr(saved, k)!r} (study: {getattr(config, k)!r})" for k in fields
              if getattr(saved, k) != getattr(config, k)]
     if diffs:
         raise ConfigError(f"{workdir} holds another run ({', '.join(diffs)}): move it or pass another --runs")
@@ -104,77 +109,98 @@ def train_or_reuse(config: Config, workdir: Path, dataset: Dataset, *, progress:
 
 
 def study_rows(records: dict[str, list[dict]]) -> list[dict]:
-    """Per norm: params, final/best train/test accuracy over seeds, epochs, wall time (from histories)."""
+    """Per norm: params, final train/evaluation accuracy over seeds (and the best validation epoch's, for
+    runs with a validation split), epochs, wall time (from histories), the flip-averaged final figure."""
     rows = []
     for norm, runs in records.items():
         hists = [r["history"] for r in runs]
-        rows.append({
+        row = {
             "norm": norm, "seeds": [r["config"]["seed"] for r in runs], "num_params": runs[0]["num_params"],
             "final_train": [h[-1]["train_accuracy"] for h in hists],
-            "final_test": [h[-1]["test_accuracy"] for h in hists],
-            "best_train": [max(e["train_accuracy"] for e in h) for h in hists],
-            "best_test": [max(e["test_accuracy"] for e in h) for h in hists],
+            "final_test": [h[-1]["test_accuracy"] for h in hists],  # test, or validation with --train-split
             "epochs": sorted({len(h) for h in hists}),
             "seconds": [sum(e["seconds"] for e in h) for h in hists],
             "eval_train": [r["train"]["accuracy"] for r in runs],
             # test-time flip averaging of the final checkpoint; absent for data trained without flips
             "final_test_flip_average": [r["test_flip_average"]["accuracy"] for r in runs
                                         if "test_flip_average" in r],
-        })
+        }
+        if all(Config.from_dict(r["config"]).evaluation_set == "validation" for r in runs):
+            row["best_validation"] = [max(e["test_accuracy"] for e in h) for h in hists]
+        rows.append(row)
     return rows
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    """"seed 0" or "mean over seeds 0, 1, 2": a single run is not called a mean."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"
 
 
 def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, dataset_key: str,
                 variant: str = "", command: Optional[str] = None) -> Path:
-    """Write <out>/study.md and <out>/curves.png; the grids are copied in by the caller."""
+    """Write <out>/study.md and <out>/curves.png; the grids are copied in by the caller.
+
+    Every figure is of the final checkpoints. The per-epoch evaluation is on the test set, or on
+    validation images for runs with --train-split, and the report names it so; only then is a "best"
+    (validation) epoch reported."""
     out = Path(out)
     if not records:
         raise CheckpointError("no runs to report")
     suffix = variant  # "", "-skip", "-l1_1e-05", ...: keeps each variant's files apart
     rows = study_rows(records)
-    config = records[rows[0]["norm"]][0]["config"]
-    extras = (["skip connections"] if config.get("skip") else []) + \
-        ([f"L1 {config['l1']:g}"] if config.get("l1") else [])
-    extra = "".join(f" + {e}" for e in extras)
+    config = Config.from_dict(records[rows[0]["norm"]][0]["config"])
+    split = config.evaluation_set  # "test", or "validation" with --train-split
+    extras = variant_parts(config)
+    seeds = rows[0]["seeds"]
     data = describe_data(dataset_key, dataset)
-    plot_curves({f"{NORM_NAMES[r['norm']]}{extra}": [x["history"] for x in records[r["norm"]]]
-                 for r in rows}, out / f"curves{suffix}.png",
-                title=f"mean over seeds {', '.join(map(str, rows[0]['seeds']))} | {data_title(dataset_key, dataset)}"
+    histories = {network_name(Config.from_dict(records[r["norm"]][0]["config"])):
+                 [x["history"] for x in records[r["norm"]]] for r in rows}
+    plot_curves(histories, out / f"curves{suffix}.png", evaluation_set=split,
+                title=f"{_seeds_text(seeds)} | {data_title(dataset_key, dataset)}"
                       + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
-    lines = [f"# Normalisation study{f' ({extra[3:]})' if extra else ''}", "",
+    lines = ["# Normalisation study" + (f" ({', '.join(extras)})" if extras else ""), "",
              f"Data: {data}.", ""]
     if command:
         lines += ["Produced by:", "", "```bash", command, "```", ""]
-    net = ("MNIST net" if config["dataset"] == "mnist"
-           else f"Seed CNN (width {config['width']}/{config['transition_width']})")
+    net = ("MNIST net" if config.dataset == "mnist"
+           else f"CNN (width {config.width}/{config.transition_width})")
     flip_average = all(len(r["final_test_flip_average"]) == len(r["seeds"]) for r in rows)
-    lines += [f"{net}{extra}; {Config.from_dict(config).recipe()}; seeds "
-              f"{', '.join(map(str, rows[0]['seeds']))} ({len(rows[0]['seeds'])} run"
-              f"{'s' if len(rows[0]['seeds']) > 1 else ''} per norm). Accuracies: mean ± sample standard "
-              "deviation over the seeds. Train accuracy is measured during each epoch (on the training "
-              f"batches as trained: {'augmented' if config['flip'] or config['crop'] else 'not augmented'}"
-              f"{', with dropout' if config['dropout'] else ''}); test accuracy after it, on the plain test "
-              "images (no test-time augmentation). *Best* is the highest epoch; *final* the last."
-              + (" *Final test, flip-averaged*: the last checkpoint with test-time flip averaging (the logits "
-                 "of each test image and its mirror image averaged)." if flip_average else "")
-              + " Wall time: training seconds per run, compilation included (the per-epoch test evaluation and "
-              "data loading not), mean over seeds.", "",
-              "| norm | parameters | final train | final test | best train | best test | "
-              + ("final test, flip-averaged | " if flip_average else "") + "epochs | wall time (s) |",
-              "|---|---:|---:|---:|---:|---:|" + ("---:|" if flip_average else "") + "---:|---:|"]
+    best = all("best_validation" in r for r in rows)
+    where = ("validation images held out of the training files (--train-split), not the test set"
+             if split == "validation" else "the plain test images (no test-time augmentation)")
+    plural = "s" if len(seeds) > 1 else ""
+    skip = " + skip connections" if config.skip else ""  # L1 is named by the recipe
+    lines += [f"{net}{skip}; {config.recipe()}; seed{plural} {', '.join(map(str, seeds))} "
+              f"({len(seeds)} run{plural} per norm). Accuracies of the final checkpoint"
+              + (": mean ± sample standard deviation over the seeds" if len(seeds) > 1 else "") + ". Train "
+              "accuracy is measured during each epoch (on the training batches as trained: "
+              f"{'augmented' if config.flip or config.crop else 'not augmented'}"
+              f"{', with dropout' if config.dropout else ''}); {split} accuracy after it, on {where}."
+              + (" *Best validation*: the highest validation accuracy of any epoch (chosen on validation "
+                 "images only)." if best else "")
+              + (f" *Final {split}, flip-averaged*: the final checkpoint with test-time flip averaging (the "
+                 f"logits of each image and its mirror image averaged)." if flip_average else "")
+              + " Wall time: training seconds per run, compilation included (the per-epoch evaluation and "
+              "data loading not)" + (", mean over seeds" if len(seeds) > 1 else "") + ".", "",
+              f"| norm | parameters | final train | final {split} | "
+              + ("best validation | " if best else "")
+              + (f"final {split}, flip-averaged | " if flip_average else "") + "epochs | wall time (s) |",
+              "|---|---:|---:|---:|" + ("---:|" if best else "") + ("---:|" if flip_average else "")
+              + "---:|---:|"]
     for r in rows:
         lines.append(f"| {NORM_NAMES[r['norm']]} (`{r['norm']}`) | {r['num_params']:,} | "
                      f"{format_mean_std(r['final_train'])} | {format_mean_std(r['final_test'])} | "
-                     f"{format_mean_std(r['best_train'])} | {format_mean_std(r['best_test'])} | "
+                     + (f"{format_mean_std(r['best_validation'])} | " if best else "")
                      + (f"{format_mean_std(r['final_test_flip_average'])} | " if flip_average else "")
                      + f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
-    lines += ["", "Loss and accuracy per epoch (train dashed, test solid; mean over seeds):", "",
+    lines += ["", f"Loss and accuracy per epoch (train dashed, {split} solid; {_seeds_text(seeds)}):", "",
               f"![curves](curves{suffix}.png)", "",
-              f"Misclassified test images of seed {rows[0]['seeds'][0]}'s final checkpoint (no test-time "
+              f"Misclassified {split} images of seed {seeds[0]}'s final checkpoint (no test-time "
               "augmentation):", ""]
     for r in rows:
         lines += [f"![{r['norm']} misclassified](misclassified-{r['norm']}{suffix}.png)", ""]
     path = out / f"study{suffix}.md"
     path.write_text("\n".join(lines))
-    (out / f"study{suffix}.json").write_text(json.dumps({"data": data, "rows": rows}, indent=1))
+    (out / f"study{suffix}.json").write_text(json.dumps({"data": data, "evaluation_set": split, "rows": rows},
+                                                       indent=1))
     return path

@@ -1,21 +1,33 @@
 """The batch-size study: every norm x batch size x seed, test error against batch size.
 
-    python scripts/sweep.py --data-dir /path/to/cifar-10-binary.tar.gz     # bn gn ln x batch 2..128 x seeds 0 1 2
+    python scripts/sweep.py --data-dir /path/to/cifar-10-binary.tar.gz --epochs 10 --seeds 0 1
 
-The learning rate is scaled linearly with the batch, lr x B / 128 (the rule of the GroupNorm paper,
-Wu & He 2018, after Goyal et al. 2017), and every size trains the same number of epochs, so every run
-sees the same images. Everything else is the default recipe.
+The recipe is the base config's (the default one unless options change it) at every batch B, with the
+learning rate scaled linearly, lr x B / (the base batch, 128 by default): the rule of the GroupNorm
+paper (Wu & He 2018, after Goyal et al. 2017). Every batch trains the same number of epochs, so every
+run sees the same images; the warm-up is counted in epochs too (`jaxnorm.state`), so it is the same
+share of training at every batch. The report states the recipe from the config itself
+(`Config.recipe(lr_scaled_with_batch=True)`).
+
+The confound: at equal epochs a batch of 2 takes 64 times as many steps as a batch of 128. The
+optional fixed-steps view (`fixed_steps_epochs`) trains chosen batch sizes for about the same number
+of steps instead (so the larger batch sees more images), to tell the two apart.
 
 BatchNorm is evaluated two ways: with its running averages (`train=False`, the usual way, and the
-test accuracy recorded every epoch) and with the statistics of each test batch of the training batch
-size (`batch_stat_accuracy`). The second is what the network computed while it trained; the gap
-between the two is what breaks at small batches.
+test accuracy recorded every epoch: the main column) and with the statistics of each test batch of
+the training batch size (`batch_stat_accuracy`), which is what the network computed while it trained.
+
+Runs live in `<runs>/<norm>-b<batch>-e<epochs>-s<seed>`: the epoch count is part of the name because
+a linear-decay run extended to more epochs is not the longer recipe. A finished run is reused, an
+unfinished one resumed, and a finished run keeps only its final checkpoint (small enough to commit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,26 +37,38 @@ import numpy as np
 
 from jaxnorm import parallel
 from jaxnorm.checkpoint import RunCheckpoints
-from jaxnorm.config import NORM_NAMES, Config
+from jaxnorm.config import NORM_NAMES, Config, ConfigError
 from jaxnorm.data import Dataset
-from jaxnorm.evaluate import restore_run
+from jaxnorm.evaluate import reading_checkpoints, restore_run
 from jaxnorm.figures import plot_sweep
+from jaxnorm.runlock import RunLock
 from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
 from jaxnorm.train import compiled_train_calls, make_epoch_order, seconds_per_step, setup_run
-from jaxnorm.utils import quiet_absl, read_history, write_json
-
-REFERENCE_BATCH = 128  # the batch the default learning rate belongs to
+from jaxnorm.utils import read_history, write_json
 
 
-def scaled_lr(lr: float, batch_size: int, reference: int = REFERENCE_BATCH) -> float:
-    """Linear scaling: lr x batch_size / reference."""
+def scaled_lr(lr: float, batch_size: int, reference: int) -> float:
+    """Linear scaling: lr x batch_size / reference, where `lr` belongs to the batch `reference`."""
     return lr * batch_size / reference
 
 
-def sweep_config(base: Config, norm: str, batch_size: int, seed: int) -> Config:
-    """`base` (whose lr belongs to batch 128) at another norm, batch and seed, lr scaled to the batch."""
-    return base.replace(norm=norm, seed=seed, batch_size=batch_size,
-                        lr=scaled_lr(base.lr, batch_size)).validate()
+def sweep_config(base: Config, norm: str, batch_size: int, seed: int, epochs: Optional[int] = None) -> Config:
+    """`base` at another norm, batch, seed (and epoch count), its lr scaled from base.batch_size."""
+    return base.replace(norm=norm, seed=seed, batch_size=batch_size, epochs=epochs or base.epochs,
+                        lr=scaled_lr(base.lr, batch_size, base.batch_size)).validate()
+
+
+def fixed_steps_epochs(num_train: int, batch_size: int, steps: int) -> int:
+    """The whole epochs closest to `steps` steps at `batch_size` (ConfigError if that is under one epoch)."""
+    per_epoch = num_train // batch_size
+    if steps < per_epoch:
+        raise ConfigError(f"--fixed-steps {steps} is less than one epoch at batch {batch_size} ({per_epoch} "
+                          "steps): choose at least that many")
+    return round(steps / per_epoch)
+
+
+def run_folder(runs_root: str | Path, config: Config) -> Path:
+    return Path(runs_root) / f"{config.norm}-b{config.batch_size}-e{config.epochs}-s{config.seed}"
 
 
 def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
@@ -96,12 +120,8 @@ def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int, c
 def batch_stat_accuracy(workdir: Path, dataset: Dataset, batch_size: int) -> dict:
     """Test accuracy of the run's final checkpoint with batch statistics, cached in batch-stats.json
     (keyed by the step, batch and test data, so a new checkpoint or other data recomputes it)."""
-    with quiet_absl():
-        checkpoints = RunCheckpoints(workdir, read_only=True)
-    try:
+    with reading_checkpoints(workdir) as checkpoints:
         step = checkpoints.require_latest_step()
-    finally:
-        checkpoints.close()
     key = {"step": step, "batch_size": batch_size, "test_images": len(dataset.test_images),
            "data_source": dataset.source}
     cache = Path(workdir) / "batch-stats.json"
@@ -120,24 +140,40 @@ def batch_stat_accuracy(workdir: Path, dataset: Dataset, batch_size: int) -> dic
 # The sweep.
 
 
+def keep_final_checkpoint_only(workdir: Path) -> None:
+    """Delete every checkpoint of a finished run but its last (the one every report reads), so that the
+    run folder is small enough to commit; training keeps the last three and the best one."""
+    with RunLock(workdir), contextlib.closing(RunCheckpoints(workdir)) as checkpoints:
+        final = checkpoints.require_latest_step()
+        for step in checkpoints.all_steps():
+            if step != final:
+                checkpoints.manager.delete(step)
+
+
 def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_sizes: Sequence[int],
-              seeds: Sequence[int], runs_root: Path, progress: bool = True) -> list[dict]:
+              seeds: Sequence[int], runs_root: Path, fixed_steps: Optional[int] = None,
+              progress: bool = True) -> list[dict]:
     """Train (or reuse, or resume) every norm x batch x seed; one record per run with its test accuracies.
 
-    `base.lr` is the learning rate at batch 128; each run gets it scaled to its batch.
+    Every batch trains `base.epochs` epochs, or with `fixed_steps` the whole epochs closest to that many
+    steps. `base.lr` belongs to `base.batch_size`; each run gets it scaled to its batch.
     """
     check_batch_sizes(batch_sizes)
+    num_train = len(dataset.train_images)
+    epochs = {b: fixed_steps_epochs(num_train, b, fixed_steps) if fixed_steps else base.epochs
+              for b in batch_sizes}
     # Seed by seed: an interrupted sweep has whole seeds done, and can report them (--seeds 0).
-    configs = [sweep_config(base, norm, b, seed) for seed in seeds for b in batch_sizes for norm in norms]
+    configs = [sweep_config(base, norm, b, seed, epochs[b])
+               for seed in seeds for b in batch_sizes for norm in norms]
     records = []
     for config in configs:
-        workdir = Path(runs_root) / f"{config.norm}-b{config.batch_size}-s{config.seed}"
+        workdir = run_folder(runs_root, config)
         train_or_reuse(config, workdir, dataset, progress=progress)
+        keep_final_checkpoint_only(workdir)
         history = read_history(workdir)[:config.epochs]
         record = {"norm": config.norm, "batch_size": config.batch_size, "seed": config.seed, "lr": config.lr,
-                  "epochs": len(history), "workdir": str(workdir),
+                  "epochs": len(history), "steps": history[-1]["step"], "workdir": str(workdir),
                   "final_test": history[-1]["test_accuracy"],
-                  "best_test": max(e["test_accuracy"] for e in history),
                   "seconds": sum(e["seconds"] for e in history)}
         if config.norm == "bn":
             record["final_test_batch_stats"] = batch_stat_accuracy(workdir, dataset, config.batch_size)["accuracy"]
@@ -145,13 +181,16 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
     return records
 
 
-# Columns of the report: (label, norm, record key of the final accuracy).
+# Columns of the report: (label, norm, record key of the final accuracy). BatchNorm's usual evaluation
+# (running averages) first, as in the paper.
 def _columns(norms: Sequence[str]) -> list[tuple[str, str, str]]:
     columns = []
     for norm in norms:
-        columns.append((NORM_NAMES[norm], norm, "final_test"))
         if norm == "bn":
-            columns.append(("BatchNorm, batch statistics", norm, "final_test_batch_stats"))
+            columns += [("BatchNorm, running averages", norm, "final_test"),
+                        ("BatchNorm, batch statistics", norm, "final_test_batch_stats")]
+        else:
+            columns.append((NORM_NAMES[norm], norm, "final_test"))
     return columns
 
 
@@ -159,56 +198,83 @@ def _values(records: list[dict], norm: str, batch_size: int, key: str) -> list[f
     return [r[key] for r in records if r["norm"] == norm and r["batch_size"] == batch_size and key in r]
 
 
+def _table(records: list[dict], first_columns: dict) -> list[str]:
+    """Final test accuracy, a row per batch: `first_columns` (header -> value at a batch), then the norms."""
+    columns = _columns(list(dict.fromkeys(r["norm"] for r in records)))
+    lines = ["| " + " | ".join([*first_columns, *(c[0] for c in columns)]) + " |",
+             "|" + "---:|" * (len(first_columns) + len(columns))]
+    for b in sorted({r["batch_size"] for r in records}):
+        cells = [str(value(b)) for value in first_columns.values()]
+        cells += [format_mean_std(v) if (v := _values(records, norm, b, key)) else "-"
+                  for _, norm, key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _joined(values) -> str:
+    return ", ".join(map(str, values))
+
+
 def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: Optional[str] = None,
-                label: Optional[str] = None) -> Path:
-    """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records.
+                label: Optional[str] = None, fixed_steps_records: Sequence[dict] = ()) -> Path:
+    """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records (and the
+    fixed-steps view's, if any).
 
     `data` describes the data in the text (source included); `label` names it in the figure's title."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    norms = list(dict.fromkeys(r["norm"] for r in records))
     sizes = sorted({r["batch_size"] for r in records})
     seeds = sorted({r["seed"] for r in records})
-    epochs = sorted({r["epochs"] for r in records})
-    plot_sweep(sweep_series(records), sizes, out / "batch-sweep.png", title=f"{label or data}\n{'/'.join(map(str, epochs))} epochs "
-               f"at every batch | mean over seeds {', '.join(map(str, seeds))}, min-max shaded")
+    epochs = "/".join(map(str, sorted({r["epochs"] for r in records})))
+    seed_text = f"mean ± std over seeds {_joined(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    epoch_text = f"{epochs} epoch{'s' if epochs != '1' else ''}"
+    plot_sweep(sweep_series(records), sizes, out / "batch-sweep.png",
+               title=f"{label or data}: {epoch_text} at every batch\n{seed_text}")
+    recipe = base.replace(epochs=records[0]["epochs"]).recipe(lr_scaled_with_batch=True)
+    smallest, largest = sizes[0], sizes[-1]
 
     lines = ["# Batch-size study", "", f"Data: {data}.", ""]
     if command:
         lines += ["Produced by:", "", "```bash", command, "```", ""]
-    lines += [f"Seed CNN (width {base.width}/{base.transition_width}), {'/'.join(map(str, epochs))} epochs at "
-              f"every batch size (the same images seen), learning rate {base.lr:g} x B / {REFERENCE_BATCH} "
-              f"(linear scaling, the GroupNorm paper's rule), x{base.lr_gamma:g} every {base.lr_step_epochs} "
-              f"epochs, everything else the default recipe; seeds {', '.join(map(str, seeds))}. Test accuracy, "
-              "mean ± sample standard deviation over the seeds. *BatchNorm* uses its running averages "
-              "(`train=False`, as every other table here); *BatchNorm, batch statistics* normalises each "
-              "test batch of the training batch size with its own mean and variance (training mode, no "
-              "dropout, nothing updated), on the final checkpoint.", "",
-              "![test error against batch size](batch-sweep.png)", "",
-              "Final test accuracy (last epoch):", ""]
-    columns = _columns(norms)
-    lines += ["| batch | lr | " + " | ".join(c[0] for c in columns) + " |",
-              "|---:|---:|" + "---:|" * len(columns)]
-    for b in sizes:
-        cells = [format_mean_std(v) if (v := _values(records, norm, b, key)) else "-" for _, norm, key in columns]
-        lines.append(f"| {b} | {scaled_lr(base.lr, b):.4g} | " + " | ".join(cells) + " |")
-    lines += ["", "Best test accuracy over the epochs (running averages for BatchNorm):", "",
-              "| batch | " + " | ".join(NORM_NAMES[n] for n in norms) + " |", "|---:|" + "---:|" * len(norms)]
-    for b in sizes:
-        lines.append(f"| {b} | " + " | ".join(format_mean_std(_values(records, n, b, "best_test")) for n in norms)
-                     + " |")
+    lines += [f"CNN (width {base.width}/{base.transition_width}); {recipe} (the learning rate scaled "
+              "linearly with the batch B, the GroupNorm paper's rule; the warm-up counted in epochs, so it "
+              f"is the same share of training at every batch); seeds {_joined(seeds)}. Final test accuracy, "
+              "mean ± sample standard deviation over the seeds.", "",
+              "*BatchNorm, running averages* is the usual evaluation (`train=False`, as in the paper and "
+              "every other table here); *BatchNorm, batch statistics* normalises each test batch of the "
+              "training batch size with its own mean and variance, as the network did while it trained. "
+              "GroupNorm and LayerNorm use no batch statistics: they have one evaluation.", "",
+              f"The confound: every batch trains the same epochs, so batch {smallest} takes "
+              f"{largest // smallest} times as many steps as batch {largest} (the steps per epoch column). A "
+              "change with the batch mixes the normalisation's statistics with the number of updates; "
+              "GroupNorm and LayerNorm, which use no batch statistics, show the second alone.", "",
+              "![test error against batch size](batch-sweep.png)", ""]
+    num_train = {r["batch_size"]: r["steps"] // r["epochs"] for r in records}
+    lines += _table(records, {"batch": str, "lr": lambda b: f"{scaled_lr(base.lr, b, base.batch_size):.4g}",
+                              "steps per epoch": lambda b: f"{num_train[b]:,}"})
     lines += ["", "Training time per run (s, mean over seeds and norms; compilation included, the per-epoch "
               "test evaluation not): " + ", ".join(
                   f"batch {b} {statistics.mean(r['seconds'] for r in records if r['batch_size'] == b):.0f}"
                   for b in sizes) + ".", ""]
+    if fixed_steps_records:
+        steps = {r["batch_size"]: r["steps"] for r in fixed_steps_records}
+        runs_epochs = {r["batch_size"]: r["epochs"] for r in fixed_steps_records}
+        lines += ["## The same number of steps", "",
+                  "Each batch trained for the whole epochs closest to the same number of steps, so the "
+                  "larger batch sees more images; everything else as above. Final test accuracy:", ""]
+        lines += _table(list(fixed_steps_records), {"batch": str, "steps": lambda b: f"{steps[b]:,}",
+                                                     "epochs": lambda b: runs_epochs[b]})
+        lines.append("")
     path = out / "batch-sweep.md"
     path.write_text("\n".join(lines))
-    (out / "batch-sweep.json").write_text(json.dumps({"data": data, "command": command, "runs": records}, indent=1))
+    summary = {"data": data, "command": command, "recipe": recipe, "runs": records,
+               "fixed_steps_runs": list(fixed_steps_records)}
+    (out / "batch-sweep.json").write_text(json.dumps(summary, indent=1))
     return path
 
 
 def sweep_series(records: list[dict]) -> list[dict]:
-    """Per column of the report: test error (%) at each batch size, mean and the seeds' min and max."""
+    """Per column of the report: test error (%) at each batch size, mean and sample std over the seeds."""
     sizes = sorted({r["batch_size"] for r in records})
     series = []
     for label, norm, key in _columns(list(dict.fromkeys(r["norm"] for r in records))):
@@ -216,7 +282,7 @@ def sweep_series(records: list[dict]) -> list[dict]:
         points = [(b, e) for b, e in points if e]
         series.append({"label": label, "norm": norm, "batch_stats": key == "final_test_batch_stats",
                        "batch_sizes": [b for b, _ in points], "mean": [mean_std(e)[0] for _, e in points],
-                       "low": [min(e) for _, e in points], "high": [max(e) for _, e in points]})
+                       "std": [mean_std(e)[1] for _, e in points]})
     return series
 
 
@@ -237,13 +303,17 @@ def time_steps(base: Config, dataset: Dataset, batch_sizes: Sequence[int], steps
                                       run.labels, order, min(steps, run.steps_per_epoch), repeats)
         rows.append({"batch_size": b, "devices": run.mesh.devices.size, "step_ms": 1000 * seconds,
                      "images_per_second": b / seconds,
-                     "epoch_seconds": math.floor(len(dataset.train_images) / b) * seconds})
+                     "epoch_seconds": math.floor(len(dataset.train_images) / b) * seconds,
+                     "load_average": os.getloadavg()[0]})  # a busy machine shows in the table
     return rows
 
 
 def format_step_times(rows: list[dict], norm: str, num_train: int) -> str:
-    lines = [f"| batch | devices | {norm} step (ms) | images/s | epoch of {num_train:,} images (s) |",
-             "|---:|---:|---:|---:|---:|"]
+    """The step-time table with the machine's 1-minute load average after each measurement: the timing
+    itself keeps the cores busy, and a load well above their count means other work competed (slow,
+    noisy times)."""
+    lines = [f"| batch | devices | {norm} step (ms) | images/s | epoch of {num_train:,} images (s) | "
+             f"load average ({os.cpu_count()} cores) |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['batch_size']} | {r['devices']} | {r['step_ms']:.1f} | {r['images_per_second']:.0f} | "
-              f"{r['epoch_seconds']:.0f} |" for r in rows]
+              f"{r['epoch_seconds']:.0f} | {r['load_average']:.1f} |" for r in rows]
     return "\n".join(lines)

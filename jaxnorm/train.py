@@ -268,7 +268,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 if stop.agreed(sync_point=True) is not None:
                     raise _interrupted(run, stop.decided)
                 _train_epoch(run, epoch, stop, progress)
-    summary = summarize(run.history, run.num_params)
+    summary = summarize(run.history, run.num_params, config.evaluation_set)
     print(format_summary(config.norm, summary))
     return {"state": run.state, "history": run.history, "num_params": run.num_params, "summary": summary}
 

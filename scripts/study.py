@@ -7,12 +7,12 @@
 Every training option of scripts/train.py applies to all runs (--norm and --seed are --norms and
 --seeds here). Runs live in <runs>/<norm>[-skip]-s<seed> (default runs: checkpoints/study/<dataset
 name>); a finished run is reused, an unfinished one resumed (also after Ctrl-C: run the same command
-again). Writes <out>/study.md, <out>/curves.png and <out>/misclassified-<norm>.png (default out:
-results/<dataset name>).
+again). Every figure is of the final checkpoints. Writes <out>/study.md, <out>/curves.png and
+<out>/misclassified-<norm>.png (default out: results/<dataset name>). With --train-split the runs are
+evaluated on validation images held out of the training files, and the report says "validation".
 """
 
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +22,7 @@ from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
 from jaxnorm.evaluate import restore_run, write_run_report
 from jaxnorm.runlock import RunLock
-from jaxnorm.study import dataset_name, train_or_reuse, write_study
+from jaxnorm.study import dataset_name, report_command, train_or_reuse, write_study
 
 
 def parse_args(argv=None):
@@ -60,11 +60,11 @@ def main(argv=None):
             workdir = runs_root / f"{norm}{variant}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             with RunLock(workdir):  # it writes the report into the run folder: not while another process trains it
-                records.setdefault(norm, []).append(write_run_report(restore_run(workdir, final=True), dataset))
+                records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
-    command = shlex.join(["python", "scripts/study.py", *sys.argv[1:]])
-    path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant, command=command)
+    path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,
+                       command=report_command(__file__, sys.argv[1:]))
     print(f"wrote {path}")
 
 

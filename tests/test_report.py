@@ -10,8 +10,17 @@ from conftest import run_script
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import Config
-from jaxnorm.evaluate import (choose_misclassified, classification_metrics, evaluate_run, format_metrics,
-                              make_predict, restore_run, write_run_report)
+from jaxnorm.evaluate import (
+    choose_misclassified,
+    classification_metrics,
+    evaluate_run,
+    format_metrics,
+    make_predict,
+    network_name,
+    restore_run,
+    run_title,
+    write_run_report,
+)
 from jaxnorm.figures import misclassified_grid, plot_curves
 from jaxnorm.models import build_model, count_params, model_summary
 from jaxnorm.networks import receptive_field
@@ -85,8 +94,6 @@ def test_restore_rebuilds_the_model_from_the_saved_config_alone(trained_run):
                                          "batch_stats": result["state"].batch_stats}, data.test_images)
     got = run.model.apply({"params": run.state.params, "batch_stats": run.state.batch_stats}, data.test_images)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    best = restore_run(workdir)  # default: the best epoch by test accuracy
-    assert best.step == max(result["history"], key=lambda h: h["test_accuracy"])["step"]
 
 
 def test_evaluation_accuracy_equals_a_direct_computation(trained_run):
@@ -97,7 +104,7 @@ def test_evaluation_accuracy_equals_a_direct_computation(trained_run):
                                   ("test", data.test_images, data.test_labels)):
         logits = run.model.apply({"params": run.state.params, "batch_stats": run.state.batch_stats}, images)
         assert results[split]["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
-    assert results["test"]["accuracy"] == pytest.approx(max(h["test_accuracy"] for h in run.meta["history"]))
+    assert results["test"]["accuracy"] == pytest.approx(run.meta["history"][-1]["test_accuracy"])  # final
 
 
 def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror(trained_run):
@@ -115,9 +122,25 @@ def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror(t
     assert "test_flip_average" not in evaluate_run(no_flips, data)
 
 
-def test_final_restores_the_last_checkpoint_whatever_the_best(trained_run):
+def test_the_final_checkpoint_is_the_default_and_no_best_is_chosen_on_the_test_set(trained_run):
     workdir, _, result = trained_run
-    assert restore_run(workdir, final=True).step == result["history"][-1]["step"] == 8
+    assert restore_run(workdir).step == result["history"][-1]["step"] == 8
+    with pytest.raises(CheckpointError, match="no validation split"):
+        restore_run(workdir, best=True)
+
+
+def test_a_validation_run_has_a_best_validation_checkpoint_and_says_validation(tmp_path, capsys):
+    from jaxnorm.data import split_train_test, synthetic_dataset
+    data = split_train_test(synthetic_dataset(96, 8, image_shape=(16, 16, 3)), 64)  # 64 train / 32 validation
+    config = Config(dataset="synthetic", width=8, transition_width=8, batch_size=16, epochs=3, dropout=0.0,
+                    eval_batch_size=32, train_split=64, lr=0.5)
+    result = train_and_evaluate(config, tmp_path, dataset=data, progress=False)
+    assert "best validation" in capsys.readouterr().out.strip().splitlines()[-1]
+    run = restore_run(tmp_path, best=True)
+    assert run.step == max(result["history"], key=lambda h: h["test_accuracy"])["step"]
+    record = write_run_report(run, data)
+    assert record["evaluation_set"] == "validation" and record["test"]["count"] == 32
+    assert "validation accuracy" in run_title(run, record["test"]["accuracy"])
 
 
 def test_run_report_writes_its_files(trained_run):
@@ -171,7 +194,8 @@ def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
     records = {"bn": [record(0, [0.4, 0.6, 0.5]), record(1, [0.3, 0.7, 0.6])], "gn": [record(0, [0.2, 0.3, 0.4])]}
     text = write_study(records, subset, tmp_path, dataset_key="cifar10").read_text()
     assert "5,085-image CIFAR-10 subset, not CIFAR-10" in text and "subset.tar.gz" in text
-    assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 65.00% ± 7.07% |" in text
+    assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 3 |" in text  # final epoch only
+    assert "best" not in text.lower() and "| final test |" in text
     assert "| GroupNorm (`gn`) | 34,872 | 40.00% |" in text and (tmp_path / "curves.png").is_file()
     assert Config().recipe() in text  # the recipe as trained, from the runs' config
     assert "flip-averaged" not in text  # no run measured it
@@ -193,6 +217,28 @@ def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp
     assert "SGD Nesterov momentum 0.9, lr 0.1 (1-epoch linear warm-up, then linear decay to 0)" in text
     assert "weight decay 0.0005, dropout 0, flips, pad-4 crops" in text
     assert "| final test, flip-averaged |" in text and "| 75.00% ± 7.07% |" in text
+
+
+def test_study_of_validation_runs_says_validation_and_chooses_best_on_it(tmp_path):
+    from jaxnorm.data import Dataset
+    from jaxnorm.study import write_study
+    data = Dataset(np.zeros((45000, 2, 2, 3), np.uint8), np.zeros(45000, np.int32),
+                   np.zeros((10, 2, 2, 3), np.uint8), np.zeros(10, np.int32), tuple("abcdefghij"),
+                   source="x [train images split]")
+    history = [{"epoch": i + 1, "train_accuracy": 0.5, "test_accuracy": a, "train_loss": 1.0,
+                "test_loss": 1.0, "seconds": 2.0} for i, a in enumerate((0.6, 0.8, 0.7))]
+    config = Config(train_split=45000, l1=1e-5, flip=False)
+    records = {"bn": [{"config": config.to_dict(), "num_params": 34872, "history": history,
+                       "train": {"accuracy": 0.5}}]}
+    text = write_study(records, data, tmp_path, dataset_key="cifar10").read_text()
+    assert "| final train | final validation | best validation | epochs |" in text
+    assert "| 50.00% | 70.00% | 80.00% | 3 |" in text and "test accuracy" not in text
+    assert "# Normalisation study (L1 1e-05)" in text and "mean over" not in text  # one seed: no mean
+
+
+def test_titles_name_the_variant():
+    assert network_name(Config(l1=1e-5)) == "BatchNorm + L1 1e-05"
+    assert network_name(Config(norm="gn", skip=True)) == "GroupNorm (8 groups) + skip connections"
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
@@ -238,11 +284,15 @@ def _overlap(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
+LONG_TITLE = ("GroupNorm (8 groups) + skip connections + L1 1e-05\n34,872 parameters | validation accuracy "
+              "61.00% (step 78000)")
+
+
 @pytest.mark.parametrize("rows, cols", [(5, 2), (2, 3)])
 def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path):
     images = np.zeros((rows * cols, 32, 32, 3), np.uint8)
     chosen = [{"index": i, "true": 0, "predicted": 1, "probability": 0.5} for i in range(rows * cols)]
-    title = "GroupNorm (8 groups) | 34,872 parameters\ntest accuracy 61.00% (step 780)"
+    title = LONG_TITLE
     fig = misclassified_grid(images, chosen, ["automobile", "airplane"], tmp_path / "g.png", rows=rows, cols=cols,
                              title=title)
     renderer = FigureCanvasAgg(fig).get_renderer()  # positions as laid out when saved
@@ -265,6 +315,16 @@ def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     assert lines["bn train"].get_ydata()[0] == pytest.approx(40.0) and "%" in ax_acc.get_ylabel()
     # One epoch: one point each, so the markers themselves must differ.
     assert lines["bn train"].get_fillstyle() != lines["bn test"].get_fillstyle()
+
+
+def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):
+    history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
+    title = "seed 0 | " + "/very/long/path/to/the/shared/data" * 6 + "/cifar-10-binary.tar.gz"
+    fig = plot_curves({"bn": [history]}, tmp_path / "c.png", title=title, evaluation_set="validation")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.get_figwidth() * fig.dpi
+    assert "bn validation" in [line.get_label() for line in fig.axes[1].get_lines()]
 
 
 

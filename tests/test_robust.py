@@ -85,7 +85,8 @@ def test_sigint_mid_epoch_saves_there_and_resume_is_exact(straight, tiny_data, t
     checkpoints = RunCheckpoints(tmp_path, read_only=True)
     assert checkpoints.all_steps() == [4, 6]
     assert checkpoints.latest_step() == 6 and checkpoints.best_step() == 4  # best = best end of epoch
-    assert checkpoints.require_best_step() == 4
+    with pytest.raises(CheckpointError, match="no validation split"):  # best by test accuracy: never chosen
+        checkpoints.require_best_validation_step()
     partial = checkpoints.restore_meta(6)["partial"]
     assert partial["epoch"] == 1 and len(partial["losses"]) == 2
     monkeypatch.undo()
@@ -176,13 +177,13 @@ def test_unusable_run_folders_raise_one_line(make, message, tmp_path):
     run = tmp_path / "run"
     make(run)
     with pytest.raises(CheckpointError) as info:
-        RunCheckpoints(run, read_only=True).require_best_step()
+        RunCheckpoints(run, read_only=True).require_latest_step()
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_complete_run_folder_passes_the_reader_checks(one_epoch_run):
     checkpoints = RunCheckpoints(one_epoch_run, read_only=True)
-    assert checkpoints.require_latest_step() == checkpoints.require_best_step() == 4
+    assert checkpoints.require_latest_step() == 4
 
 
 # ----------------------------------------------------------------------------------------------

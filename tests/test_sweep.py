@@ -7,10 +7,20 @@ import pytest
 from jaxnorm import parallel
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.data import first_train_images, synthetic_dataset
-from jaxnorm.models import build_model
-from jaxnorm.sweep import batch_stat_logits, run_sweep, scaled_lr, sweep_config, write_sweep
 from jaxnorm.evaluate import make_predict
-from jaxnorm.state import create_train_state
+from jaxnorm.figures import plot_sweep
+from jaxnorm.models import build_model
+from jaxnorm.state import create_train_state, learning_rate_schedule
+from jaxnorm.sweep import (
+    batch_stat_logits,
+    fixed_steps_epochs,
+    format_step_times,
+    run_sweep,
+    scaled_lr,
+    sweep_config,
+    sweep_series,
+    write_sweep,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +33,26 @@ def small_config(**changes):
                   eval_batch_size=32, **changes)
 
 
-def test_learning_rate_scales_linearly_with_the_batch():
-    base = small_config()
-    assert scaled_lr(0.05, 128) == 0.05 and scaled_lr(0.05, 2) == pytest.approx(0.05 / 64)
+def test_learning_rate_scales_linearly_with_the_batch_and_the_warm_up_is_the_same_epochs():
+    base = small_config().replace(epochs=3)
+    assert scaled_lr(0.05, 128, 128) == 0.05 and scaled_lr(0.05, 2, 128) == pytest.approx(0.05 / 64)
     config = sweep_config(base, "gn", 8, seed=3)
     assert (config.norm, config.batch_size, config.seed) == ("gn", 8, 3)
     assert config.lr == pytest.approx(0.2 * 8 / 128)
     assert config.epochs == base.epochs and config.weight_decay == base.weight_decay
+    for batch in (2, 128):  # the peak lr is reached after one epoch's steps, however many those are
+        config = sweep_config(base, "bn", batch, seed=0)
+        per_epoch = 50_000 // batch
+        schedule = learning_rate_schedule(config, per_epoch)
+        assert float(schedule(per_epoch // 2)) == pytest.approx(config.lr / 2, rel=1e-3)
+        assert float(schedule(per_epoch)) == pytest.approx(config.lr)
+    assert "lr 0.2 x B / 128 (1-epoch linear warm-up" in base.recipe(lr_scaled_with_batch=True)
+
+
+def test_fixed_steps_are_whole_epochs_and_at_least_one():
+    assert fixed_steps_epochs(50_000, 16, 3125) == 1 and fixed_steps_epochs(50_000, 128, 3125) == 8
+    with pytest.raises(ConfigError, match="less than one epoch at batch 16"):
+        fixed_steps_epochs(50_000, 16, 1000)
 
 
 def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data, monkeypatch):
@@ -38,14 +61,18 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     records = run_sweep(base, sweep_data, **kwargs)
     assert len(records) == 4 and {(r["norm"], r["batch_size"]) for r in records} == \
         {("bn", 4), ("bn", 16), ("gn", 4), ("gn", 16)}
-    saved = json.loads((runs / "bn-b4-s0" / "metrics.json").read_text())
+    saved = json.loads((runs / "bn-b4-e1-s0" / "metrics.json").read_text())
     assert saved[-1]["step"] == 64 // 4  # one epoch at batch 4
+    assert [p.name for p in (runs / "bn-b4-e1-s0" / "ckpt").iterdir()] == ["16"]  # the final checkpoint only
     for r in records:  # each run trained at its own scaled learning rate
         assert r["lr"] == pytest.approx(0.2 * r["batch_size"] / 128)
         assert ("final_test_batch_stats" in r) == (r["norm"] == "bn")
     path = write_sweep(records, out, data="synthetic", base=base, command="python scripts/sweep.py ...")
     text = path.read_text()
-    assert "| 4 | 0.00625 |" in text and "BatchNorm, batch statistics" in text and "GroupNorm" in text
+    assert "| 4 | 0.00625 | 16 |" in text and "GroupNorm" in text  # batch, lr, steps per epoch
+    assert text.index("BatchNorm, running averages") < text.index("BatchNorm, batch statistics")
+    assert base.replace(epochs=1).recipe(lr_scaled_with_batch=True) in text  # the recipe from the config
+    assert "4 times as many steps as batch 16" in text and "best" not in text.lower()
     assert (out / "batch-sweep.png").stat().st_size > 10_000
     assert len(json.loads((out / "batch-sweep.json").read_text())["runs"]) == 4
 
@@ -58,6 +85,41 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     monkeypatch.setattr(jaxnorm.study, "train_and_evaluate", refuse)
     monkeypatch.setattr(jaxnorm.sweep, "restore_run", refuse)
     assert run_sweep(base, sweep_data, **kwargs) == records
+    # More seeds, or another epoch count (another run folder): only the missing runs train.
+    trained = []
+    monkeypatch.setattr(jaxnorm.study, "train_and_evaluate",
+                        lambda config, workdir, **kw: trained.append(workdir))
+    monkeypatch.setattr(jaxnorm.sweep, "keep_final_checkpoint_only", lambda workdir: None)
+    monkeypatch.setattr(jaxnorm.sweep, "read_history", lambda workdir: [{"step": 1, "test_accuracy": 0.5,
+                                                                         "seconds": 1.0}])
+    monkeypatch.setattr(jaxnorm.sweep, "batch_stat_accuracy", lambda *a: {"accuracy": 0.5})
+    run_sweep(base, sweep_data, **{**kwargs, "seeds": [0, 1]})
+    run_sweep(base.replace(epochs=2), sweep_data, **{**kwargs, "norms": ["gn"], "batch_sizes": [16]})
+    assert sorted(p.name for p in trained) == ["bn-b16-e1-s1", "bn-b4-e1-s1", "gn-b16-e1-s1", "gn-b16-e2-s0",
+                                               "gn-b4-e1-s1"]
+
+
+def test_sweep_figure_reads_as_the_papers(tmp_path):
+    records = [{"norm": n, "batch_size": b, "seed": s, "final_test": 0.7 - 0.01 * s,
+                **({"final_test_batch_stats": 0.6} if n == "bn" else {})}
+               for n in ("bn", "gn") for b in (2, 8, 32) for s in (0, 1)]
+    fig = plot_sweep(sweep_series(records), [2, 8, 32], tmp_path / "s.png", title="data: 5 epochs")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis_inverted()  # batch decreasing to the right
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["BatchNorm, running averages", "BatchNorm, batch statistics", "GroupNorm"]
+    styles = [c.lines[0].get_linestyle() for c in ax.containers]  # one errorbar container per series
+    colors = [c.lines[0].get_color() for c in ax.containers]
+    assert styles == ["-", "--", "-"] and colors[0] == colors[1] != colors[2]
+    errors = ax.containers[0].lines[2][0].get_segments()  # mean ± std of 30% and 31% error
+    assert errors[0][:, 1] == pytest.approx([30.5 - 0.7071, 30.5 + 0.7071], abs=1e-3)
+
+
+def test_step_time_table_gives_the_load_average():
+    rows = [{"batch_size": 8, "devices": 2, "step_ms": 10.0, "images_per_second": 800.0,
+             "epoch_seconds": 62.0, "load_average": 13.2}]
+    text = format_step_times(rows, "gn", 50_000)
+    assert "load average" in text and text.splitlines()[-1].endswith("| 13.2 |")
 
 
 def test_bn_with_batch_statistics_differs_from_running_averages(sweep_data):
