@@ -97,8 +97,8 @@ def benchmark(norm: str, batch_size: int = 128, steps: int = 20, repeats: int = 
     step_s = timed(lambda: train(steps), repeats) / steps
     evaluate()
     eval_s = timed(evaluate, max(1, repeats // 2))
-    return {"norm": norm, "batch_size": batch_size, "threads": threads, "torch": torch.__version__, "dropout": dropout,
-            "num_params": sum(p.numel() for p in model.parameters()),
+    return {"norm": norm, "batch_size": batch_size, "threads": threads, "torch": torch.__version__,
+            "dropout": dropout, "num_params": sum(p.numel() for p in model.parameters()),
             "train_images_per_s": batch_size / step_s, "eval_images_per_s": eval_images / eval_s}
 
 
@@ -109,7 +109,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.05, help="as jaxnorm's --dropout (nn.Dropout(0) is a no-op)")
+    p.add_argument("--dropout", type=float, default=0.05,
+                   help="as jaxnorm's --dropout (nn.Dropout(0) is a no-op)")
     args = p.parse_args(argv)
     for norm in args.norm:
         print(json.dumps(benchmark(norm, args.batch_size, args.steps, args.repeats, args.threads,

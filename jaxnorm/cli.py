@@ -16,7 +16,7 @@ import shlex
 import sys
 import types
 import typing
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import DATASET_DEFAULTS, IDENTITY, RECIPE, WIDTH_PRESETS, Config, ConfigError
@@ -29,7 +29,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunLocked
 GROUPS = {IDENTITY: "model and data (fixed for a run)", RECIPE: "training recipe", "runtime": "where and how"}
 
 
-def run_main(main: Callable[[], object], *, resume_with: Optional[str] = None) -> None:
+def run_main(main: Callable[[], object], *, resume_with: str | None = None) -> None:
     """Set up the CPU devices, call `main`; print known errors as `error: ...` on stderr and exit 2.
     An interrupted training run (checkpoint saved) prints how to resume and exits 128 + the signal
     (130 on Ctrl-C). Every script runs through here, so each one gets one JAX device per CPU core
@@ -92,8 +92,8 @@ def add_config_options(parser: argparse.ArgumentParser, *, only: Iterable[str] =
         if f.name == "width":
             groups[IDENTITY].add_argument(
                 "--preset", choices=sorted(WIDTH_PRESETS), default="seed",
-                help="channel widths (3x3/1x1): " + ", ".join(f"{k} {w}/{t}" for k, (w, t) in WIDTH_PRESETS.items())
-                + " (default %(default)s)")
+                help="channel widths (3x3/1x1): "
+                + ", ".join(f"{k} {w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()) + " (default %(default)s)")
 
 
 def _default_text(f: dataclasses.Field) -> str:

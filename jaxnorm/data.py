@@ -26,8 +26,8 @@ import gzip
 import os
 import pickle
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +47,10 @@ OFFLINE_HELP = ("download the official archive (https://www.cs.toronto.edu/~kriz
                 "or set JAXNORM_CIFAR10_URL to a mirror")
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                      "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) on a machine with internet "
-                      "and pass their folder with --data-dir PATH, or set JAXNORM_MNIST_URL to a mirror folder")
+MNIST_OFFLINE_HELP = ("download the official idx files (train-images-idx3-ubyte.gz, "
+                      "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
+                      "on a machine with internet and pass their folder with --data-dir PATH, "
+                      "or set JAXNORM_MNIST_URL to a mirror folder")
 # The datasets with official files (downloaded by `jaxnorm.download`, or prepared by TFDS):
 # dataset -> (display name, class names, what to do offline)
 TFDS_SOURCES = {"cifar10": ("CIFAR-10", CIFAR10_CLASSES, OFFLINE_HELP),
@@ -80,7 +81,7 @@ class Dataset:
         return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Optional[int] = None,
+def load_dataset(name: str, data_dir: str | None = None, *, train_split: int | None = None,
                  synthetic_size=(512, 256)) -> Dataset:
     """The dataset `name` as uint8 NHWC arrays; `train_split=N`: see `split_train_test`."""
     if data_dir is not None and not Path(data_dir).expanduser().exists():
@@ -107,12 +108,14 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_split: Opti
 def check_split(images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> None:
     """DataError naming `where` unless images are (N, H, W, C) uint8 with N labels in [0, num_classes)."""
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise DataError(f"{where}: images must be (N, height, width, channels) uint8, got {images.shape} {images.dtype}")
+        raise DataError(f"{where}: images must be (N, height, width, channels) uint8, "
+                        f"got {images.shape} {images.dtype}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{where}: {len(images)} images but labels of shape {labels.shape}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
-        raise DataError(f"{where}: label {int(labels[bad[0]])} of image {int(bad[0])} is outside 0..{num_classes - 1} "
+        raise DataError(f"{where}: label {int(labels[bad[0]])} of image {int(bad[0])} "
+                        f"is outside 0..{num_classes - 1} "
                         f"({len(bad)} such label{'s' if len(bad) > 1 else ''}): a damaged file?")
 
 
@@ -143,19 +146,20 @@ def split_train_test(data: Dataset, num_train: int) -> Dataset:
                                       f"last {n - num_train} test]")
 
 
-def first_train_images(data: Dataset, num_train: Optional[int]) -> Dataset:
+def first_train_images(data: Dataset, num_train: int | None) -> Dataset:
     """Only the first `num_train` training images (None: all); the test set stays whole. Idempotent."""
     n = len(data.train_images)
     if num_train is None or num_train == n:
         return data
     if not 0 < num_train < n:
-        raise DataError(f"--train-images {num_train} must be between 1 and the {n} training images of {data.source}")
+        raise DataError(f"--train-images {num_train} must be between 1 and the {n} training images "
+                        f"of {data.source}")
     return dataclasses.replace(data, train_images=data.train_images[:num_train],
                                train_labels=data.train_labels[:num_train],
                                source=f"{data.source} [first {num_train} training images]")
 
 
-def _load_cifar10(data_dir: Optional[str]) -> Dataset:
+def _load_cifar10(data_dir: str | None) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if is_image_folder(path):
@@ -169,15 +173,16 @@ def _load_cifar10(data_dir: Optional[str]) -> Dataset:
     return load_official("cifar10", data_dir)
 
 
-def _load_folder(data_dir: Optional[str]) -> Dataset:
+def _load_folder(data_dir: str | None) -> Dataset:
     path = Path(data_dir).expanduser() if data_dir is not None else None
     if path is None or not is_image_folder(path):
-        raise DataError(f"--dataset folder needs --data-dir naming a folder laid out as train/<class>/<image> and "
-                        f"test/<class>/<image>, or a .tar/.tar.gz/.zip of one; {data_dir} is not")
+        raise DataError(f"--dataset folder needs --data-dir naming a folder laid out as "
+                        f"train/<class>/<image> and test/<class>/<image>, or a .tar/.tar.gz/.zip of one; "
+                        f"{data_dir} is not")
     return read_folder_dataset(path)
 
 
-def read_folder_dataset(path: Path, class_names: Optional[Sequence[str]] = None) -> Dataset:
+def read_folder_dataset(path: Path, class_names: Sequence[str] | None = None) -> Dataset:
     """An image folder (see `jaxnorm.imagefolder`); labels follow `class_names` if given, else the sorted
     folder names."""
     try:
@@ -186,14 +191,15 @@ def read_folder_dataset(path: Path, class_names: Optional[Sequence[str]] = None)
         raise DataError(str(e)) from None
     # Lossy files of a known dataset are a copy of it, not it: reports must say so.
     copy = "JPEG" if class_names is not None and "JPEG" in found["formats"] else ""
-    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path), copy=copy)
+    return Dataset(*found["train"], *found["test"], class_names=found["class_names"], source=str(path),
+                   copy=copy)
 
 
 # ----------------------------------------------------------------------------------------------
 # The official CIFAR-10 archives.
 
 
-def find_cifar10_archive(path: Path) -> Optional[Path]:
+def find_cifar10_archive(path: Path) -> Path | None:
     """`path` itself or a CIFAR-10 archive or extracted batch folder directly inside it."""
     candidates = [path] if path.is_file() else [
         path, path / "cifar-10-batches-bin", path / "cifar-10-batches-py",
@@ -221,7 +227,8 @@ def read_cifar10_archive(path: Path) -> Dataset:
                 _unpickle(files["batches.meta"]).get(b"label_names", [])] if "batches.meta" in files else []
     else:
         raise DataError(f"{path} is not a CIFAR-10 archive: it lacks data_batch_1..5 and test_batch")
-    for name, (images, labels) in zip(batch_files, splits):  # a damaged label byte: name the file now
+    # Checked per file, so that a damaged label byte names its file.
+    for name, (images, labels) in zip(batch_files, splits, strict=True):
         check_split(images, labels, 10, f"{path}: {name}")
     train_images = np.concatenate([s[0] for s in splits[:5]])
     train_labels = np.concatenate([s[1] for s in splits[:5]])
@@ -272,7 +279,7 @@ def _parse_cifar_py(raw: bytes, name: str):
 # The official files without a local copy: a previous download, a prepared TFDS dataset, a download now.
 
 
-def load_official(name: str, data_dir: Optional[str]) -> Dataset:
+def load_official(name: str, data_dir: str | None) -> Dataset:
     """`cifar10` or `mnist` from a previous download, else a prepared TFDS dataset, else downloaded now."""
     label, _, offline_help = TFDS_SOURCES[name]
     folder = download.cached(name, data_dir)
@@ -292,7 +299,7 @@ def load_official(name: str, data_dir: Optional[str]) -> Dataset:
     return read_cifar10_archive(folder / download.OFFICIAL["cifar10"][0].name)
 
 
-def load_prepared_tfds(name: str, data_dir: Optional[str]) -> Optional[Dataset]:
+def load_prepared_tfds(name: str, data_dir: str | None) -> Dataset | None:
     """`name` as prepared by TFDS in the data root (array_record data source: no TensorFlow needed);
     None when there is none."""
     root = download.data_root(data_dir)
@@ -331,7 +338,7 @@ _MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "trai
                 "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 
 
-def _load_mnist(data_dir: Optional[str]) -> Dataset:
+def _load_mnist(data_dir: str | None) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         folder = path.parent if path.is_file() else path
@@ -345,7 +352,7 @@ def _load_mnist(data_dir: Optional[str]) -> Dataset:
     return load_official("mnist", data_dir)
 
 
-def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+def _find_idx(folder: Path, stem: str) -> Path | None:
     """`stem`, `stem.gz`, or the `train-images.idx3-ubyte` spelling some mirrors use."""
     dotted = stem.replace("-idx", ".idx")
     for name in (stem + ".gz", stem, dotted + ".gz", dotted):

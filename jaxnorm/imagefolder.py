@@ -14,11 +14,12 @@ CIFAR-10 keeps 4,500 images of each class for training and 500 of each for valid
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import tarfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def is_image_folder(path: Path) -> bool:
                 names = z.namelist()[:PEEK]
         elif tarfile.is_tarfile(path):
             with tarfile.open(path) as tar:  # the first members only: a .tar.gz streams
-                names = [m.name for m, _ in zip(tar, range(PEEK))]
+                names = [m.name for m in itertools.islice(tar, PEEK)]
         else:
             return False
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile):
@@ -51,7 +52,7 @@ def is_image_folder(path: Path) -> bool:
     return any(_visible(n) and _relative(n) is not None for n in names)
 
 
-def read_image_folder(path: Path, class_names: Optional[Sequence[str]] = None) -> dict:
+def read_image_folder(path: Path, class_names: Sequence[str] | None = None) -> dict:
     """{'train': (images, labels), 'test': (images, labels), 'class_names': tuple, 'formats': set of
     Pillow format names ('JPEG', 'PNG', ...)}.
 
@@ -62,7 +63,8 @@ def read_image_folder(path: Path, class_names: Optional[Sequence[str]] = None) -
     files, classes = _list(path)  # {split: {class: {name: bytes}}}, {split: set of class folders}
     for split in SPLITS:
         if not classes[split]:
-            raise ImageFolderError(f"{path} has no class folders in {split}/ (expected {split}/<class>/<image>)")
+            raise ImageFolderError(f"{path} has no class folders in {split}/ "
+                                   f"(expected {split}/<class>/<image>)")
     for a, b in (("train", "test"), ("test", "train")):
         missing = sorted(classes[a] - classes[b])
         if missing:
@@ -111,7 +113,7 @@ def _visible(name: str) -> bool:
     return not any(p.startswith(".") or p == "__MACOSX" for p in _parts(name))
 
 
-def _relative(name: str) -> Optional[list]:
+def _relative(name: str) -> list | None:
     """(split, class, file) parts of an archive member, the optional top folder removed; None if the
     path is not under train/ or test/ at all."""
     parts = _parts(name)
@@ -122,7 +124,7 @@ def _relative(name: str) -> Optional[list]:
     return parts
 
 
-def _split_root(folder: Path) -> Optional[Path]:
+def _split_root(folder: Path) -> Path | None:
     """`folder` if it holds train/ and test/, or its only sub-folder if that one does."""
     if all((folder / s).is_dir() for s in SPLITS):
         return folder
@@ -142,7 +144,8 @@ def _list(path: Path):
                     dirnames[:] = [d for d in dirnames if _visible(d)]  # no descent into .git and the like
                     rel = Path(dirpath).relative_to(root).as_posix()
                     members += [(f"{rel}/{d}/", None) for d in dirnames]
-                    members += [(f"{rel}/{f}", (Path(dirpath) / f).read_bytes()) for f in filenames if _visible(f)]
+                    members += [(f"{rel}/{f}", (Path(dirpath) / f).read_bytes())
+                                for f in filenames if _visible(f)]
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 members = [(n, None if n.endswith("/") else z.read(n)) for n in z.namelist() if _visible(n)]
@@ -160,8 +163,8 @@ def _list(path: Path):
     tops = {parts[0] for parts in (_parts(n) for n, _ in members)
             if len(parts) > 1 and parts[0] not in SPLITS and parts[1] in SPLITS}
     if len(tops) > 1:
-        raise ImageFolderError(f"{path} has train/ and test/ in several top-level folders ({', '.join(sorted(tops))}): "
-                               "keep one")
+        raise ImageFolderError(f"{path} has train/ and test/ in several top-level folders "
+                               f"({', '.join(sorted(tops))}): keep one")
     files = {s: {} for s in SPLITS}
     classes = {s: set() for s in SPLITS}
     for name, data in members:

@@ -57,10 +57,11 @@ def write_tuning_table(rows: list[dict], command: str) -> str:
         "# Validation runs", "",
         "Each run trains on the first N training images and is measured on the rest (the validation split: "
         + "; ".join(f"{n:,} / {v:,}" for n, v in splits) + "); the test images are never used. "
-        "*Recipe*: the flags by which the run differs from the defaults. *Running train*: measured during the "
-        "last epoch on the training batches as trained. *Best validation* is the highest epoch's figure, "
-        "shown to judge the curve, not to choose a checkpoint. *Flip-averaged*: the final checkpoint with "
-        "test-time flip averaging.", "",
+        "*Recipe*: the flags by which the run differs from the defaults. "
+        "*Running train*: measured during the last epoch on the training batches as trained. "
+        "*Best validation* is the highest epoch's figure, shown to judge the curve, "
+        "not to choose a checkpoint. *Flip-averaged*: the final checkpoint with test-time flip averaging.",
+        "",
         "Produced by:", "", "```bash", command, "```", "",
         "| run | norm | seed | recipe | running train | **final validation** | best validation (epoch) | "
         "final validation, flip-averaged | wall (s) |",

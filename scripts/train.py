@@ -1,10 +1,10 @@
 """Train the seed CNN (CIFAR-10) or the MNIST net with one normalisation layer.
 
-    python scripts/train.py --norm gn                      # CIFAR-10, downloaded once into ~/tensorflow_datasets
+    python scripts/train.py --norm gn                   # CIFAR-10, downloaded once into ~/tensorflow_datasets
     python scripts/train.py --norm bn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz
-    python scripts/train.py --norm bn --resume             # continue checkpoints/bn
-    python scripts/train.py --dataset mnist --norm bn --l1 1e-5   # MNIST, downloaded once -> checkpoints/mnist-bn
-    python scripts/train.py --dataset folder --norm gn --data-dir my_images.zip   # train/<class>/*, test/<class>/*
+    python scripts/train.py --norm bn --resume          # continue checkpoints/bn
+    python scripts/train.py --dataset mnist --norm bn --l1 1e-5  # MNIST (downloaded) -> checkpoints/mnist-bn
+    python scripts/train.py --dataset folder --norm gn --data-dir my_images.zip  # {train,test}/<class>/*
     python scripts/train.py --dataset mnist --norm gn --data-dir ../shared/data/mnist --train-split 8000
 
 Ctrl-C or SIGTERM: the current step finishes, a checkpoint is saved, the command that resumes is
@@ -23,8 +23,8 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     add_config_options(p)
     r = p.add_argument_group("run")
-    r.add_argument("--workdir", help="run folder for checkpoints and metrics "
-                   "(default checkpoints/<norm>; checkpoints/mnist-<norm>, checkpoints/folder-<norm> for those datasets)")
+    r.add_argument("--workdir", help="run folder for checkpoints and metrics (default checkpoints/<norm>; "
+                   "checkpoints/mnist-<norm>, checkpoints/folder-<norm> for those datasets)")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir "
                    "(starts a new run, with a note, if it holds none yet)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines only)")

@@ -58,7 +58,8 @@ def main(out_dir, restore_dir=None):
         mesh = parallel.make_mesh(cfg.batch_size)
         template = create_train_state(build_model(cfg, *DATA.channel_stats()), cfg, DATA.image_shape, 4)
         checkpoints = RunCheckpoints(restore_dir, read_only=True)
-        state, _ = checkpoints.restore(checkpoints.latest_step(), abstract_like(template, parallel.replicated(mesh)))
+        state, _ = checkpoints.restore(checkpoints.latest_step(),
+                                       abstract_like(template, parallel.replicated(mesh)))
         np.save(out / "restored_logits.npy", make_predict(mesh, 32)(state, DATA.test_images))
 
 

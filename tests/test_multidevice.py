@@ -46,7 +46,7 @@ def test_one_step_gives_the_same_parameters_and_batch_stats(runs):
 def test_a_short_run_has_the_same_metrics(runs, norm):
     one, eight = (json.loads((r / f"run-{norm}" / "metrics.json").read_text()) for r in runs)
     assert len(one) == len(eight) == 2
-    for a, b in zip(one, eight):
+    for a, b in zip(one, eight, strict=True):
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (norm, key)
 
