@@ -27,6 +27,7 @@ is never listed as a step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint._src import asyncio_utils
 
 BEST_METRIC = "test_accuracy"
 META_KEYS = ("config", "history")  # what every jaxnorm checkpoint's meta holds
@@ -94,9 +96,39 @@ def _quiet_orbax_errors() -> None:
         logger.addFilter(_DropOrbaxLogs())
 
 
+async def _finishing_leftover_tasks(coro, timeout: float = 60.0):
+    """`coro`, but when it fails, the other tasks on its loop get up to `timeout` seconds to finish
+    before the failure goes on (bounded: an error path must never hang)."""
+    try:
+        return await coro
+    except Exception:
+        leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=timeout)
+        raise
+
+
+def _let_failed_writes_finish() -> None:
+    """Orbax runs each background write in a fresh event loop (`asyncio_utils._run_sync_via_new_loop`)
+    and closes that loop as soon as the write fails. The array writes gathered with the failed one are
+    still in flight in TensorStore's threads; each calls back into the closed loop when it ends, and
+    TensorStore prints that "RuntimeError: Event loop is closed" as a traceback after our one-line
+    error (two of them on a full disk). Letting the loop's leftover tasks finish before it closes
+    removes the cause. Orbax 0.12.8; a version without that function is left alone."""
+    run_in_new_loop = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if run_in_new_loop is None or getattr(run_in_new_loop, "finishes_leftovers", False):
+        return
+
+    def run_finishing_leftovers(coro):
+        return run_in_new_loop(_finishing_leftover_tasks(coro))
+    run_finishing_leftovers.finishes_leftovers = True
+    asyncio_utils._run_sync_via_new_loop = run_finishing_leftovers
+
+
 class RunCheckpoints:
     def __init__(self, workdir: str | Path, *, keep: int = 3, read_only: bool = False):
         _quiet_orbax_errors()
+        _let_failed_writes_finish()
         self.workdir = Path(workdir)
         self.read_only = read_only
         self._pending: Optional[int] = None  # the step of the save in flight

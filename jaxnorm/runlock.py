@@ -9,11 +9,19 @@ several network and FUSE file systems (NFS setups, Colab's Google Drive mount) w
 often live, and a flock cannot say who holds it. An exclusive create is atomic on every POSIX file
 system, and the file names the holder for the error message.
 
-The price is stale locks: a SIGKILLed process cannot remove its file. A lock is stale when its
-holder is on this host and no longer runs (the PID is gone, or now belongs to a process started at
-another time). It is then taken over, with a note. A lock held on another host is never taken over
-automatically, since nothing here can tell whether that process still runs: the message says which
-file to delete once the user knows it has stopped.
+The price is stale locks: a SIGKILLed process, or a lost machine (a Colab VM gone after a
+disconnect, its run folder on Drive), cannot remove its file. So the holder refreshes the file's
+modification time every REFRESH_SECONDS while it holds the lock (a daemon thread), and a lock is
+stale when
+- its holder is on this host and no longer runs (the PID is gone, or now belongs to a process
+  started at another time): taken over at once;
+- its holder is on another host and the file has not been refreshed for STALE_SECONDS: nothing here
+  can ask that host, but a holder that runs would have refreshed it.
+A stale lock is taken over with a one-line note naming the old holder. A fresh lock of another host
+is refused with one line saying when it will count as stale and which file to delete once the user
+knows its process has stopped. A live holder on this host is refused however old its file (an older
+jaxnorm did not refresh it). The heartbeat never recreates or touches a file that is no longer this
+process's (removed, or taken over by another after going stale): it warns once and stops.
 
 Nested locks of one folder in one process are one lock (a study holds a run folder while it trains
 and evaluates it). In a multi-host job only process 0 takes the lock (all processes write the same
@@ -27,12 +35,16 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 LOCK_NAME = "jaxnorm.lock"
+REFRESH_SECONDS = 60  # the holder touches its lock this often...
+STALE_SECONDS = 600  # ...and another host takes over a lock untouched this long
 _HELD: dict = {}  # lock path -> nesting depth, for the locks this process holds
+_HEARTBEATS: dict = {}  # lock path -> its _Heartbeat
 
 
 class RunLocked(RuntimeError):
@@ -105,28 +117,50 @@ class RunLock:
                     holder = _parse(holder_text)
                     if not holder:
                         holder = {"host": me["host"]}  # still empty: a killed writer on this host
-                if holder.get("host") != me["host"]:
-                    raise RunLocked(f"{self.workdir} is in use by PID {holder.get('pid')} on host "
-                                    f"{holder.get('host')} (since {holder.get('since')}); if that process "
-                                    f"has stopped, delete {self.path} and try again") from None
-                if _alive(holder):
-                    raise RunLocked(f"{self.workdir} is in use by PID {holder.get('pid')} on host "
-                                    f"{holder.get('host')} (since {holder.get('since')}): wait for it to "
-                                    "finish or choose another --workdir") from None
-                self._take_over(holder_text)
-                print(f"note: {self.workdir} was locked by PID {holder.get('pid')}, which no longer runs: "
-                      "taking the folder over", file=sys.stderr)
+                self._take_over_if_stale(holder_text, holder, me["host"])
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(record)
             self._record = record
             _HELD[self.path] = 1
+            _HEARTBEATS[self.path] = _Heartbeat(self.path, record)
             return self
         raise RunLocked(f"{self.workdir}: could not take its lock {self.path} (another process keeps taking it)")
+
+    def _take_over_if_stale(self, text: str, holder: dict, this_host: str) -> None:
+        """Take over the lock file holding `text` (`holder`, parsed) with a note if it is stale, else
+        RunLocked. Returns without a takeover if the file went away meanwhile: the caller creates again."""
+        who = f"PID {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')}"
+        if holder.get("host") == this_host:
+            if _alive(holder):
+                raise RunLocked(f"{self.workdir} is in use by {who}): wait for it to finish or choose "
+                                "another --workdir") from None
+            self._take_over(text)
+            print(f"note: {self.workdir} was locked by PID {holder.get('pid')}, which no longer runs: "
+                  "taking the folder over", file=sys.stderr)
+            return
+        touched = self._mtime()
+        if touched is None:
+            return
+        untouched = max(0.0, time.time() - touched)  # two hosts' clocks may differ a little
+        if untouched < STALE_SECONDS:
+            raise RunLocked(f"{self.workdir} is in use by {who}, lock refreshed {_duration(untouched)} "
+                            f"ago); a lock untouched for {_duration(STALE_SECONDS)} is taken over "
+                            f"automatically, or if that process has stopped, delete {self.path} and try "
+                            "again") from None
+        self._take_over(text)
+        print(f"note: {self.workdir} was locked by {who}), untouched for {_duration(untouched)}: taking the "
+              "folder over", file=sys.stderr)
 
     def _read(self) -> Optional[str]:
         try:
             return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _mtime(self) -> Optional[float]:
+        try:
+            return self.path.stat().st_mtime
         except FileNotFoundError:
             return None
 
@@ -154,6 +188,7 @@ class RunLock:
             self._record = None
             return
         del _HELD[self.path]
+        _HEARTBEATS.pop(self.path).stop()
         try:
             if self._read() == self._record:  # never remove a lock that is not ours
                 self.path.unlink()
@@ -193,3 +228,53 @@ def _parse(text: str) -> dict:
         return value if isinstance(value, dict) else {}
     except ValueError:
         return {}  # an empty or torn lock file (killed while writing it): stale on this host, unknown host
+
+
+class _Heartbeat:
+    """Refreshes the lock file's modification time every REFRESH_SECONDS while this process holds it,
+    so other hosts can tell a running holder from a lost machine. Stops on `stop()` (release), or by
+    itself, with a warning, once the file is no longer this process's."""
+
+    def __init__(self, path: Path, record: str):
+        self.path, self.record = path, record
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"refresh {path}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(REFRESH_SECONDS):
+            if not _touch_if_ours(self.path, self.record):
+                if not self._stopping.is_set():
+                    print(f"warning: the lock {self.path} is no longer this process's (deleted, or taken "
+                          "over after going stale): another process may now write this run folder",
+                          file=sys.stderr)
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+
+def _touch_if_ours(path: Path, record: str) -> bool:
+    """Set the lock file's modification time to now if it still holds `record`; False if it does not
+    (gone or replaced). The check and the touch go through one open file, so a lock that replaced ours
+    in between is never touched, and a missing one is never recreated. A passing I/O error (a network
+    file system's hiccup) counts as ours: the next refresh tries again."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        with os.fdopen(fd) as f:
+            if f.read() != record:
+                return False
+            os.utime(f.fileno())
+    except OSError:
+        pass
+    return True
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} minutes"

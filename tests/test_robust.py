@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from conftest import CIFAR_SUBSET, ROOT
+from jaxnorm import runlock
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, check_writable_workdir
 from jaxnorm.cli import run_main
 from jaxnorm.config import ConfigError
+from jaxnorm.runlock import LOCK_NAME
 import jaxnorm.train as train_lib
 from jaxnorm.train import TrainingError, TrainingInterrupted, train_and_evaluate
 
@@ -130,6 +132,22 @@ def test_resume_ignores_a_half_written_checkpoint_and_rewrites_metrics(straight,
     resumed = train_and_evaluate(config, tmp_path, resume=True, dataset=tiny_data, progress=False)
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
     assert without_timing(json.loads((tmp_path / "metrics.json").read_text())) == without_timing(reference["history"])
+
+
+def test_a_run_left_locked_by_a_lost_machine_resumes_exactly_on_a_new_host(straight, tiny_data, one_epoch,
+                                                                           capsys):
+    # A Colab disconnect: the old VM (host lost-vm) stopped refreshing its lock after epoch 1; the new VM
+    # has another host name and finds the run folder on Drive as the old one left it.
+    config, reference = straight
+    lock = one_epoch / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 4242, "host": "lost-vm", "since": "2026-05-04 10:00:00"}))
+    then = time.time() - runlock.STALE_SECONDS - 60
+    os.utime(lock, (then, then))
+    resumed = train_and_evaluate(config, one_epoch, resume=True, dataset=tiny_data, progress=False)
+    note = "was locked by PID 4242 on host lost-vm (since 2026-05-04 10:00:00), untouched for"
+    assert note in capsys.readouterr().err
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    assert not lock.exists()  # released at the end like any other
 
 
 # ----------------------------------------------------------------------------------------------
