@@ -109,7 +109,8 @@ def reuse_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False  # another C library (musl): its malloc is left as it is
-    return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)])
+    return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
+                mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)])
 
 
 def cpu_device_count() -> int:

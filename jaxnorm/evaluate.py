@@ -18,8 +18,9 @@ import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,8 +62,8 @@ def make_predict(mesh, batch_size: int, *, flip_average: bool = False):
         n = len(images)
         padded = np.zeros((math.ceil(n / batch_size) * batch_size, *images.shape[1:]), images.dtype)
         padded[:n] = np.asarray(images)
-        chunks = list(parallel.limit_in_flight(logits_of(state, jax.device_put(padded[i:i + batch_size], shard))
-                                               for i in range(0, len(padded), batch_size)))
+        batches = (jax.device_put(padded[i:i + batch_size], shard) for i in range(0, len(padded), batch_size))
+        chunks = list(parallel.limit_in_flight(logits_of(state, batch) for batch in batches))
         return jnp.concatenate(chunks)[:n]
 
     return predict
@@ -74,11 +75,12 @@ def _per_example(logits, labels, num_classes: int) -> dict:
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     predicted = jnp.argmax(log_probs, -1)
     return {"loss": -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0],
-            "predicted": predicted, "correct": predicted == labels, "probability": jnp.exp(jnp.max(log_probs, -1)),
+            "predicted": predicted, "correct": predicted == labels,
+            "probability": jnp.exp(jnp.max(log_probs, -1)),
             "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predicted].add(1)}
 
 
-def _on_device(logits, labels, num_classes: Optional[int] = None) -> dict:
+def _on_device(logits, labels, num_classes: int | None = None) -> dict:
     logits = jnp.asarray(logits)
     # Labels go where the logits are (replicated over the mesh), so this also runs on several hosts.
     labels = jax.device_put(np.asarray(labels, np.int32), logits.sharding)
@@ -92,7 +94,8 @@ def logit_metrics(logits, labels) -> dict:
 
 
 def classification_metrics(logits, labels, num_classes: int) -> dict:
-    """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix
+    (rows: true class, columns: predicted class)."""
     m = _on_device(logits, labels, num_classes)
     confusion = np.asarray(m["confusion"], np.int64)
     totals = confusion.sum(1)
@@ -171,7 +174,7 @@ def reading_checkpoints(workdir: str | Path) -> Iterator[RunCheckpoints]:
         checkpoints.close()
 
 
-def restore_run(workdir: str | Path, step: Optional[int] = None, *, best: bool = False) -> RestoredRun:
+def restore_run(workdir: str | Path, step: int | None = None, *, best: bool = False) -> RestoredRun:
     """The run in `workdir` at `step`, by default its final checkpoint; with `best` the checkpoint of
     the best validation accuracy (only for a run with a validation split). An unreadable checkpoint is
     skipped with a warning for the newest readable one, while an unreadable `step` is an error.
@@ -185,7 +188,8 @@ def restore_run(workdir: str | Path, step: Optional[int] = None, *, best: bool =
 
         def target(meta):  # the restore target, from the checkpoint's own record
             if not isinstance(meta, dict) or "config" not in meta or "image_shape" not in meta:
-                raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm (no config in them)")
+                raise CheckpointError(f"{workdir}: its checkpoints were not written by jaxnorm "
+                                      "(no config in them)")
             config, model = Config.from_dict(meta["config"]), _model_of(meta)
             # Shapes only (no computation): the optimizer's state shapes do not depend on steps_per_epoch.
             shapes = jax.eval_shape(lambda: create_train_state(model, config, tuple(meta["image_shape"]),
@@ -198,8 +202,8 @@ def restore_run(workdir: str | Path, step: Optional[int] = None, *, best: bool =
             prefer = checkpoints.require_best_validation_step() if best else None  # None: the newest readable
             step, state, meta = checkpoints.restore_readable(target, prefer=prefer)
         _, newest = checkpoints.readable_meta()  # the whole run's history, whichever step is restored
-    return RestoredRun(Path(workdir), int(step), Config.from_dict(meta["config"]), meta, _model_of(meta), state,
-                       mesh, newest["history"])
+    return RestoredRun(Path(workdir), int(step), Config.from_dict(meta["config"]), meta, _model_of(meta),
+                       state, mesh, newest["history"])
 
 
 def _model_of(meta: dict) -> nn.Module:
@@ -207,14 +211,14 @@ def _model_of(meta: dict) -> nn.Module:
                        num_classes=len(meta.get("class_names", range(10))))
 
 
-def dataset_for_run(run: RestoredRun, data_dir: Optional[str] = None) -> Dataset:
+def dataset_for_run(run: RestoredRun, data_dir: str | None = None) -> Dataset:
     """The run's dataset (from its saved config, or `data_dir`), checked against what it was trained on."""
     recorded = run.config.data_dir
     if data_dir is None and recorded and not Path(recorded).expanduser().exists():
         where = Path(recorded).expanduser().absolute()
         note = "" if Path(recorded).is_absolute() else f" (the run recorded the relative path {recorded})"
-        raise DataError(f"the data {run.workdir} was trained on is not at {where}{note}: pass --data-dir PATH "
-                        "to where it is now")
+        raise DataError(f"the data {run.workdir} was trained on is not at {where}{note}: "
+                        "pass --data-dir PATH to where it is now")
     with quiet_absl():
         dataset = load_dataset(run.config.dataset, data_dir if data_dir is not None else run.config.data_dir,
                                train_split=run.config.train_split)
@@ -241,7 +245,8 @@ def evaluate_run(run: RestoredRun, dataset: Dataset) -> dict:
     predict = make_predict(run.mesh, run.config.eval_batch_size)
     n = len(dataset.class_names)
     test_logits = predict(run.state, dataset.test_images)
-    results = {"train": classification_metrics(predict(run.state, dataset.train_images), dataset.train_labels, n),
+    train_logits = predict(run.state, dataset.train_images)
+    results = {"train": classification_metrics(train_logits, dataset.train_labels, n),
                "test": classification_metrics(test_logits, dataset.test_labels, n),
                "test_logits": test_logits}
     if run.config.flip:
@@ -256,11 +261,11 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
     width = max(6, max(len(c) for c in class_names))
     lines = [f"{title}:", f"{'class':<{width}}  {'accuracy':>8}  {'count':>5}"]
     confusion = np.asarray(metrics["confusion_matrix"])
-    for name, acc, count in zip(class_names, metrics["per_class_accuracy"], confusion.sum(1)):
+    for name, acc, count in zip(class_names, metrics["per_class_accuracy"], confusion.sum(1), strict=True):
         lines.append(f"{name:<{width}}  {'-' if acc is None else f'{acc:.2%}':>8}  {count:5d}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class, by number)",
               f"{'':<{width + 3}} " + " ".join(f"{i:>5}" for i in range(len(class_names)))]
-    for i, (name, row) in enumerate(zip(class_names, confusion)):
+    for i, (name, row) in enumerate(zip(class_names, confusion, strict=True)):
         lines.append(f"{i:>2} {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
     return "\n".join(lines)
 
@@ -283,7 +288,7 @@ def run_title(run: RestoredRun, accuracy: float) -> str:
 
 
 def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols: int = 2,
-                     count: Optional[int] = None) -> dict:
+                     count: int | None = None) -> dict:
     """Evaluate `run` on `dataset` and write evaluation.json, misclassified.png and curves.png (the whole
     run's history) into its folder. Returns the evaluation record (as written to evaluation.json)."""
     count = rows * cols if count is None else count
@@ -300,7 +305,8 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
               "config": run.config.to_dict(), "num_params": run.meta["num_params"],
               "data_source": dataset.source, "class_names": list(dataset.class_names),
               "train": results["train"], "test": results["test"],
-              **({"test_flip_average": results["test_flip_average"]} if "test_flip_average" in results else {}),
+              **({"test_flip_average": results["test_flip_average"]}
+                 if "test_flip_average" in results else {}),
               "misclassified": [{**c, "true_name": dataset.class_names[c["true"]],
                                  "predicted_name": dataset.class_names[c["predicted"]]} for c in chosen],
               "history": run.history}

@@ -8,8 +8,8 @@ are wrapped to the figure's width (`_wrapped`), so a long name or path is never 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 
 def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: Sequence[str],
                        path: str | Path, *, rows: int = 5, cols: int = 2, title: str = "") -> Figure:
-    """Save (and return) a rows x cols grid of the `chosen` images (records of `evaluate.choose_misclassified`), as
-    stored (un-normalised uint8), each annotated with its true and predicted class and probability."""
+    """Save (and return) a rows x cols grid of the `chosen` images (records of
+    `evaluate.choose_misclassified`), as stored (un-normalised uint8), each annotated with its true and
+    predicted class and probability."""
     if len(chosen) > rows * cols:
         raise ValueError(f"{len(chosen)} images do not fit a {rows}x{cols} grid")
     # Wide enough for a two-line title even at 2 columns; constrained layout keeps the labels of one
@@ -28,7 +29,7 @@ def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: 
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, c in zip(axes.ravel(), chosen):
+    for ax, c in zip(axes.ravel(), chosen, strict=False):  # the grid's last cells may stay empty
         image = np.asarray(images[c["index"]])
         if image.shape[-1] == 1:  # grayscale (MNIST): show as gray, not a colour map
             ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -57,7 +58,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for color, (label, histories) in zip(colors, runs.items()):
+    for color, (label, histories) in zip(colors, runs.items(), strict=False):  # fewer runs than colours
         epochs = min(len(h) for h in histories)
         if epochs == 0:
             continue
@@ -88,8 +89,8 @@ def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path,
     fig = Figure(figsize=(7.0, 5.2), layout="constrained")
     ax = fig.subplots()
     colors = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
-    shifts = np.linspace(-0.06, 0.06, len(series)) if len(series) > 1 else [0.0]  # in log2 units
-    for line, shift in zip(series, shifts):
+    shifts = np.linspace(-0.06, 0.06, len(series)) if len(series) > 1 else [0.0] * len(series)  # log2 units
+    for line, shift in zip(series, shifts, strict=True):
         x = np.asarray(line["batch_sizes"], float) * 2.0 ** shift
         ax.errorbar(x, line["mean"], yerr=line["std"], fmt="s--" if line["batch_stats"] else "o-",
                     color=colors.get(line["norm"]), mfc="white" if line["batch_stats"] else None,

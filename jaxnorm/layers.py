@@ -78,8 +78,9 @@ def _patches(x, kh, kw, padding):
 
 
 def _xla_conv(x, kernel, padding, precision):
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision, preferred_element_type=_accumulation(x)).astype(x.dtype)
+    y = lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=precision, preferred_element_type=_accumulation(x))
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

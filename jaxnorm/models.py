@@ -187,7 +187,8 @@ def model_summary(model: nn.Module, image_shape: Sequence[int]) -> str:
     """A torchsummary-like table (layer, type, output shape, parameters) from the model itself."""
     rows = summary_rows(model, image_shape)
     lines = [f"{'layer':<10} {'type':<10} {'output shape':<20} {'params':>8}", "-" * 51]
-    lines += [f"{r['layer']:<10} {r['type']:<10} {str(r['output_shape']):<20} {r['params']:>8,}" for r in rows]
+    lines += [f"{r['layer']:<10} {r['type']:<10} {str(r['output_shape']):<20} {r['params']:>8,}"
+              for r in rows]
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
                                                   train=False))
     stats = count_params(variables.get("batch_stats", {}))

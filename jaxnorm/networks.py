@@ -82,6 +82,6 @@ def receptive_field(layers: Sequence[Layer], input_size: int) -> list[dict]:
 
 def format_receptive_field(table: list[dict]) -> str:
     lines = [f"{'layer':<7} {'kernel':>6} {'stride':>6} {'pad':>4} {'rf':>5} {'jump':>5} {'output':>7}"]
-    lines += [f"{r['layer']:<7} {r['kernel']:>6} {r['stride']:>6} {r['padding']:>4} {r['rf']:>5} {r['jump']:>5} "
-              f"{str(r['output_size']) + 'x' + str(r['output_size']):>7}" for r in table]
+    lines += [f"{r['layer']:<7} {r['kernel']:>6} {r['stride']:>6} {r['padding']:>4} {r['rf']:>5} "
+              f"{r['jump']:>5} {str(r['output_size']) + 'x' + str(r['output_size']):>7}" for r in table]
     return "\n".join(lines)

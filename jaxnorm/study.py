@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def data_title(name: str, dataset: Dataset) -> str:
     return TFDS_SOURCES[name][0] + (f" ({dataset.copy} copy)" if dataset.copy else "")
 
 
-def describe_data(name: str, dataset: Dataset, title: Optional[str] = None) -> str:
+def describe_data(name: str, dataset: Dataset, title: str | None = None) -> str:
     """The data's title (`title` or `data_title`), sizes and source; a subset is called one."""
     n, m = len(dataset.train_images), len(dataset.test_images)
     text = f"{n:,} training / {m:,} test images from `{dataset.source}`"
@@ -103,7 +103,8 @@ def train_or_reuse(config: Config, workdir: Path, dataset: Dataset, *, progress:
     if done >= config.epochs:
         print(f"{workdir}: finished ({done} epochs), reused")
         return False
-    print(f"{workdir}: training {config.norm} seed {config.seed}" + (f" (resuming at epoch {done})" if done else ""))
+    resuming = f" (resuming at epoch {done})" if done else ""
+    print(f"{workdir}: training {config.norm} seed {config.seed}{resuming}")
     train_and_evaluate(config, workdir, resume=True, dataset=dataset, progress=progress)
     return True
 
@@ -137,7 +138,7 @@ def _seeds_text(seeds: Sequence[int]) -> str:
 
 
 def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, dataset_key: str,
-                variant: str = "", command: Optional[str] = None) -> Path:
+                variant: str = "", command: str | None = None) -> Path:
     """Write <out>/study.md and <out>/curves.png; the grids are copied in by the caller.
 
     Every figure is of the final checkpoints. The per-epoch evaluation is on the test set, or on
@@ -192,7 +193,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
                      f"{format_mean_std(r['final_train'])} | {format_mean_std(r['final_test'])} | "
                      + (f"{format_mean_std(r['best_validation'])} | " if best else "")
                      + (f"{format_mean_std(r['final_test_flip_average'])} | " if flip_average else "")
-                     + f"{'/'.join(map(str, r['epochs']))} | {format_mean_std(r['seconds'], percent=False)} |")
+                     + f"{'/'.join(map(str, r['epochs']))} | "
+                     + f"{format_mean_std(r['seconds'], percent=False)} |")
     lines += ["", f"Loss and accuracy per epoch (train dashed, {split} solid; {_seeds_text(seeds)}):", "",
               f"![curves](curves{suffix}.png)", "",
               f"Misclassified {split} images of seed {seeds[0]}'s final checkpoint (no test-time "

@@ -29,8 +29,8 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -52,7 +52,7 @@ def scaled_lr(lr: float, batch_size: int, reference: int) -> float:
     return lr * batch_size / reference
 
 
-def sweep_config(base: Config, norm: str, batch_size: int, seed: int, epochs: Optional[int] = None) -> Config:
+def sweep_config(base: Config, norm: str, batch_size: int, seed: int, epochs: int | None = None) -> Config:
     """`base` at another norm, batch, seed (and epoch count), its lr scaled from base.batch_size."""
     return base.replace(norm=norm, seed=seed, batch_size=batch_size, epochs=epochs or base.epochs,
                         lr=scaled_lr(base.lr, batch_size, base.batch_size)).validate()
@@ -81,7 +81,8 @@ def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
 # BatchNorm with batch statistics at test time.
 
 
-def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int, chunk: int = 1024) -> np.ndarray:
+def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int,
+                      chunk: int = 1024) -> np.ndarray:
     """Logits of `images` with every norm in training mode, over consecutive batches of `batch_size`
     (the last one smaller when it does not divide), dropout off and nothing updated.
 
@@ -151,7 +152,7 @@ def keep_final_checkpoint_only(workdir: Path) -> None:
 
 
 def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_sizes: Sequence[int],
-              seeds: Sequence[int], runs_root: Path, fixed_steps: Optional[int] = None,
+              seeds: Sequence[int], runs_root: Path, fixed_steps: int | None = None,
               progress: bool = True) -> list[dict]:
     """Train (or reuse, or resume) every norm x batch x seed; one record per run with its test accuracies.
 
@@ -176,7 +177,8 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
                   "final_test": history[-1]["test_accuracy"],
                   "seconds": sum(e["seconds"] for e in history)}
         if config.norm == "bn":
-            record["final_test_batch_stats"] = batch_stat_accuracy(workdir, dataset, config.batch_size)["accuracy"]
+            with_batch_stats = batch_stat_accuracy(workdir, dataset, config.batch_size)
+            record["final_test_batch_stats"] = with_batch_stats["accuracy"]
         records.append(record)
     return records
 
@@ -215,8 +217,8 @@ def _joined(values) -> str:
     return ", ".join(map(str, values))
 
 
-def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: Optional[str] = None,
-                label: Optional[str] = None, fixed_steps_records: Sequence[dict] = ()) -> Path:
+def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: str | None = None,
+                label: str | None = None, fixed_steps_records: Sequence[dict] = ()) -> Path:
     """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records (and the
     fixed-steps view's, if any).
 

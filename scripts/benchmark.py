@@ -103,7 +103,8 @@ def bench_norm(norm, precision, args):
     def epoch():
         nonlocal state
         losses = []
-        for state, call_losses, _, _ in epoch_call_results(train_calls, state, images, labels, order):
+        for call_state, call_losses, _, _ in epoch_call_results(train_calls, state, images, labels, order):
+            state = call_state  # the next repeat starts from where this one ended
             losses.append(call_losses)
         float(np.mean(np.concatenate(jax.device_get(losses))))
 
@@ -112,24 +113,28 @@ def bench_norm(norm, precision, args):
     return {"norm": norm, "precision": precision, "layers": run.model.layer_set,
             "batch_size": config.batch_size, "devices": mesh.devices.size, "compile_s": compile_s,
             "step_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-            "epoch_images_per_s": steps_per_epoch * config.batch_size / epoch_s, "train_images_per_s": config.batch_size / step_s,
+            "epoch_images_per_s": steps_per_epoch * config.batch_size / epoch_s,
+            "train_images_per_s": config.batch_size / step_s,
             "eval_images_per_s": len(data.test_images) / eval_s, "epoch_s": epoch_s,
             "steps_sum_s": steps_per_epoch * step_s, "steps_per_call": per_call,
             "epoch_overhead": (epoch_s - steps_per_epoch * step_s) / epoch_s}
 
 
-TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "torch_reference.py")
+TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                               "torch_reference.py")
 
 
 def bench_torch(norm, args):
     """The PyTorch reference for `norm` in a fresh process (its threads and ours never overlap)."""
     threads = min(os.cpu_count() or 1, 8)
-    out = subprocess.run([sys.executable, TORCH_REFERENCE, "--norm", norm, "--batch-size", str(args.batch_size),
-                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(threads),
+    out = subprocess.run([sys.executable, TORCH_REFERENCE, "--norm", norm,
+                          "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                          "--repeats", str(args.repeats), "--threads", str(threads),
                           "--dropout", str(Config().dropout)],  # the same network as jaxnorm's default
                          capture_output=True, text=True)
     if out.returncode:
-        print(f"warning: the PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"warning: the PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}",
+              file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -157,21 +162,22 @@ def main(argv=None):
             rows[-1]["torch"] = torch
             print(json.dumps(rows[-1]), flush=True)
     header = ("norm", "precision", "batch", "devices", "compile s", "train img/s", "eval img/s", "eval/train",
-              "steps per call", "epoch s", "sum of steps s", "overhead", "PyTorch train img/s", "PyTorch eval img/s",
-              "train jaxnorm/PyTorch")
+              "steps per call", "epoch s", "sum of steps s", "overhead", "PyTorch train img/s",
+              "PyTorch eval img/s", "train jaxnorm/PyTorch")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         t = r.get("torch")
         vs = (f"{t['train_images_per_s']:.0f} | {t['eval_images_per_s']:.0f} | "
               f"{r['train_images_per_s'] / t['train_images_per_s']:.2f}x") if t else "- | - | -"
-        lines.append(f"| {r['norm']} | {r['precision']} | {r['batch_size']} | {r['devices']} | {r['compile_s']:.1f} | "
-                     f"{r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
+        lines.append(f"| {r['norm']} | {r['precision']} | {r['batch_size']} | {r['devices']} | "
+                     f"{r['compile_s']:.1f} | {r['train_images_per_s']:.0f} | {r['eval_images_per_s']:.0f} | "
                      f"{r['eval_images_per_s'] / r['train_images_per_s']:.1f}x | {r['steps_per_call']} | "
-                     f"{r['epoch_s']:.1f} | "
-                     f"{r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} | {vs} |")
-    path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE), f"{device.platform}-{jax.device_count()}dev.json")
+                     f"{r['epoch_s']:.1f} | {r['steps_sum_s']:.1f} | {r['epoch_overhead']:.1%} | {vs} |")
+    path = args.json or os.path.join(os.path.dirname(TORCH_REFERENCE),
+                                     f"{device.platform}-{jax.device_count()}dev.json")
     with open(path, "w") as f:
-        json.dump({"device": str(device.device_kind), "platform": device.platform, "devices": jax.device_count(),
+        json.dump({"device": str(device.device_kind), "platform": device.platform,
+                   "devices": jax.device_count(),
                    "cpu_cores": os.cpu_count(), "jax": jax.__version__, "layers": layer_choice(),
                    # The process's peak, over every row (None where the platform does not say: the CPU).
                    "peak_device_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),

@@ -3,7 +3,7 @@
     python scripts/evaluate.py --workdir checkpoints/bn               # the final checkpoint, data as trained
     python scripts/evaluate.py --workdir checkpoints/bn --step 3910   # another checkpoint
     python scripts/evaluate.py --workdir checkpoints/val-bn --best    # best validation epoch (--train-split)
-    python scripts/evaluate.py --workdir checkpoints/gn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz
+    python scripts/evaluate.py --workdir checkpoints/gn --data-dir /moved/to/cifar-10-binary.tar.gz
 
 Writes evaluation.json, misclassified.png and curves.png (the run's whole history) into the run
 folder. A run trained with random flips is also measured with test-time flip averaging (each test
@@ -63,7 +63,8 @@ def main(argv=None):
         print(f"{evaluated:10s} accuracy {m['accuracy']:.2%}  loss {m['loss']:.4f}  "
               "with test-time flip averaging")
     print("\n" + format_metrics(record["test"], dataset.class_names, title=f"{evaluated} set"))
-    print(f"\nwrote evaluation.json, misclassified.png{', curves.png' if run.history else ''} in {args.workdir}")
+    curves = ", curves.png" if run.history else ""
+    print(f"\nwrote evaluation.json, misclassified.png{curves} in {args.workdir}")
 
 
 if __name__ == "__main__":

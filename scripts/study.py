@@ -1,8 +1,8 @@
 """The normalisation study: train every norm x seed (reusing finished runs), evaluate, write study.md.
 
-    python scripts/study.py --data-dir /path/to/cifar-10-binary.tar.gz            # full CIFAR-10, 3 seeds x 20 epochs
-    python scripts/study.py --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz   # the 5,085-image subset
-    python scripts/study.py --dataset synthetic --epochs 1 --seeds 0 --preset narrow          # smoke test
+    python scripts/study.py --data-dir /path/to/cifar-10-binary.tar.gz  # full CIFAR-10, 3 seeds x 20 epochs
+    python scripts/study.py --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz  # 5,085 images
+    python scripts/study.py --dataset synthetic --epochs 1 --seeds 0 --preset narrow  # smoke test
 
 Every training option of scripts/train.py applies to all runs (--norm and --seed are --norms and
 --seeds here). Runs live in <runs>/<norm>[-skip]-s<seed> (default runs: checkpoints/study/<dataset
@@ -59,7 +59,8 @@ def main(argv=None):
             config = base.replace(norm=norm, seed=seed)
             workdir = runs_root / f"{norm}{variant}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
-            with RunLock(workdir):  # it writes the report into the run folder: not while another process trains it
+            # The report is written into the run folder: not while another process trains it.
+            with RunLock(workdir):
                 records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")

@@ -86,7 +86,8 @@ def main(argv=None):
             print(format_step_times(rows, norm, len(dataset.train_images)) + "\n", flush=True)
         return
     data = describe_data(base.dataset, dataset, args.data_label)
-    label = f"{args.data_label or data_title(base.dataset, dataset)}, {len(dataset.train_images):,} training images"
+    label = (f"{args.data_label or data_title(base.dataset, dataset)}, "
+             f"{len(dataset.train_images):,} training images")
     runs_root = Path(args.runs or os.path.join("results", name, "sweep-runs"))
     out = Path(args.out or os.path.join("results", name))
     sweep = dict(norms=args.norms, seeds=args.seeds, runs_root=runs_root, progress=not args.no_progress)

@@ -18,7 +18,8 @@ def test_benchmark_script_prints_and_writes_every_norm_and_precision(tmp_path):
 
 
 def test_benchmark_refuses_more_timed_steps_than_an_epoch_has():
-    result = run_script("benchmark.py", "--batch-size", "16", "--steps", "5", "--epoch-images", "64", "--no-torch")
+    result = run_script("benchmark.py", "--batch-size", "16", "--steps", "5", "--epoch-images", "64",
+                        "--no-torch")
     assert result.returncode == 2
     assert "--steps must be in 1..4" in result.stderr.strip().splitlines()[-1]
 

@@ -41,7 +41,8 @@ def test_importing_jaxnorm_changes_no_jax_setting():
 
 
 def test_setup_makes_one_device_per_core_or_the_count_asked_for():
-    assert probe("setup") == {"before": -1, "returned": min(os.cpu_count(), 8), "devices": min(os.cpu_count(), 8)}
+    default = min(os.cpu_count(), 8)
+    assert probe("setup") == {"before": -1, "returned": default, "devices": default}
     assert probe("setup", JAXNORM_CPU_DEVICES="3") == {"before": -1, "returned": 3, "devices": 3}
 
 
@@ -65,8 +66,8 @@ def test_a_bad_device_count_stops_a_script_with_one_line(monkeypatch):
     monkeypatch.setenv("JAXNORM_CPU_DEVICES", "two")
     result = run_script("summary.py")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: JAXNORM_CPU_DEVICES must be a whole number of devices "
-                                                  ">= 1, not 'two'"]
+    assert result.stderr.strip().splitlines() == [
+        "error: JAXNORM_CPU_DEVICES must be a whole number of devices >= 1, not 'two'"]
 
 
 # Device 0 reaches a cross-device sum `seconds` after device 1 (a loaded machine, in miniature).
@@ -92,8 +93,9 @@ print(os.environ.get("XLA_FLAGS"), float(jax.jit(total)(x)))
 
 def stall(seconds, **env):
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNORM_CPU_DEVICES")}
-    return subprocess.run([sys.executable, "-c", STALL, str(seconds)], capture_output=True, text=True, timeout=120,
-                          env={**clean, "JAX_PLATFORMS": "cpu", "JAXNORM_CPU_DEVICES": "2", **env})
+    env = {**clean, "JAX_PLATFORMS": "cpu", "JAXNORM_CPU_DEVICES": "2", **env}
+    return subprocess.run([sys.executable, "-c", STALL, str(seconds)], capture_output=True, text=True,
+                          timeout=120, env=env)
 
 
 def test_setup_makes_xla_wait_for_a_late_device_instead_of_aborting():
@@ -126,15 +128,16 @@ for _ in range(40):  # the heap grows to fit the blocks' pattern, then stops
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     f(x).block_until_ready()
-print(json.dumps({"reused": reused, "faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"reused": reused, "faults_per_call": faults / 5}))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_reusing_freed_memory_stops_page_faults_on_every_call():
     def faults(**env):
-        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -7,9 +7,9 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 from PIL import Image
 
+from conftest import SHARED_DATA
 from jaxnorm.cli import run_main
 from jaxnorm.data import CIFAR10_CLASSES, DataError, load_dataset
 
@@ -177,7 +177,8 @@ def test_jpeg_files_of_a_known_dataset_are_named_a_copy_in_reports(tmp_path):
     data = load_dataset("cifar10", str(tmp_path / "jpeg"))
     assert data.copy == "JPEG" and data_title("cifar10", data) == "CIFAR-10 (JPEG copy)"
     assert dataset_name("cifar10", data) == "cifar10-jpeg-subset-10"
-    assert "**10-image CIFAR-10 (JPEG copy) subset, not CIFAR-10 (JPEG copy)**" in describe_data("cifar10", data)
+    assert ("**10-image CIFAR-10 (JPEG copy) subset, not CIFAR-10 (JPEG copy)**"
+            in describe_data("cifar10", data))
     assert split_train_test(data, 6).copy == "JPEG"  # a validation split is still the copy
     # --dataset folder: the files are the dataset, whatever their format.
     folder = load_dataset("folder", str(tmp_path / "jpeg"))

@@ -92,8 +92,8 @@ def test_restore_rebuilds_the_model_from_the_saved_config_alone(trained_run):
     assert run.config.width == 8 and run.config.norm == "bn" and run.step == 8
     expected = result["state"].apply_fn({"params": result["state"].params,
                                          "batch_stats": result["state"].batch_stats}, data.test_images)
-    got = run.model.apply({"params": run.state.params, "batch_stats": run.state.batch_stats}, data.test_images)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    np.testing.assert_allclose(run.model.apply(variables, data.test_images), expected, atol=1e-5)
 
 
 def test_evaluation_accuracy_equals_a_direct_computation(trained_run):
@@ -111,11 +111,12 @@ def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror(t
     workdir, data, _ = trained_run
     run = restore_run(workdir)
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    plain, mirrored = (run.model.apply(variables, x) for x in (data.test_images, data.test_images[:, :, ::-1]))
+    plain = run.model.apply(variables, data.test_images)
+    mirrored = run.model.apply(variables, data.test_images[:, :, ::-1])
     assert not np.allclose(plain, mirrored, atol=1e-3)  # else the test below could not tell them apart
     got = make_predict(run.mesh, 16, flip_average=True)(run.state, data.test_images)
     np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
-    record = evaluate_run(run, data)  # trained with flips: the averaged figure is reported beside the plain one
+    record = evaluate_run(run, data)  # trained with flips: the averaged figure beside the plain one
     expected = np.mean(np.argmax(plain + mirrored, -1) == data.test_labels)
     assert record["test_flip_average"]["accuracy"] == pytest.approx(expected)
     no_flips = dataclasses.replace(run, config=run.config.replace(flip=False))
@@ -186,12 +187,13 @@ def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
     assert dataset_name("cifar10", subset) == "cifar10-subset-5085"
 
     def record(seed, accs):
-        history = [{"epoch": i + 1, "train_accuracy": a, "test_accuracy": a, "train_loss": 1.0, "test_loss": 1.0,
-                    "seconds": 2.0} for i, a in enumerate(accs)]
+        history = [{"epoch": i + 1, "train_accuracy": a, "test_accuracy": a, "train_loss": 1.0,
+                    "test_loss": 1.0, "seconds": 2.0} for i, a in enumerate(accs)]
         return {"config": Config(seed=seed).to_dict(), "num_params": 34872, "history": history,
                 "train": {"accuracy": accs[-1]}}
 
-    records = {"bn": [record(0, [0.4, 0.6, 0.5]), record(1, [0.3, 0.7, 0.6])], "gn": [record(0, [0.2, 0.3, 0.4])]}
+    records = {"bn": [record(0, [0.4, 0.6, 0.5]), record(1, [0.3, 0.7, 0.6])],
+               "gn": [record(0, [0.2, 0.3, 0.4])]}
     text = write_study(records, subset, tmp_path, dataset_key="cifar10").read_text()
     assert "5,085-image CIFAR-10 subset, not CIFAR-10" in text and "subset.tar.gz" in text
     assert "| BatchNorm (`bn`) | 34,872 | 55.00% ± 7.07% | 55.00% ± 7.07% | 3 |" in text  # final epoch only
@@ -204,13 +206,14 @@ def test_study_report_names_a_subset_as_not_cifar10(tmp_path):
 def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp_path):
     from jaxnorm.data import Dataset
     from jaxnorm.study import write_study
-    data = Dataset(np.zeros((50000, 2, 2, 3), np.uint8), np.zeros(50000, np.int32), np.zeros((10, 2, 2, 3), np.uint8),
-                   np.zeros(10, np.int32), tuple("abcdefghij"), source="cifar-10-jpeg.tar.gz", copy="JPEG")
+    data = Dataset(np.zeros((50000, 2, 2, 3), np.uint8), np.zeros(50000, np.int32),
+                   np.zeros((10, 2, 2, 3), np.uint8), np.zeros(10, np.int32), tuple("abcdefghij"),
+                   source="cifar-10-jpeg.tar.gz", copy="JPEG")
     history = [{"epoch": 1, "train_accuracy": 0.5, "test_accuracy": 0.6, "train_loss": 1.0, "test_loss": 1.0,
                 "seconds": 2.0}]
     config = Config(schedule="linear", warmup_epochs=1, nesterov=True, dropout=0.0, lr=0.1, crop=True)
-    records = {"ln": [{"config": config.replace(norm="ln", seed=s).to_dict(), "num_params": 34872, "history": history,
-                       "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}}
+    records = {"ln": [{"config": config.replace(norm="ln", seed=s).to_dict(), "num_params": 34872,
+                       "history": history, "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}}
                       for s, a in ((0, .7), (1, .8))]}
     text = write_study(records, data, tmp_path, dataset_key="cifar10").read_text()
     assert "Data: CIFAR-10 (JPEG copy) (50,000 training" in text
@@ -247,11 +250,13 @@ def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
     model = build_model(Config.for_dataset("mnist"), (0.0,), (1.0,))
     table = receptive_field(model.spatial_layers(), 28)
     rows = {r["layer"]: r for r in table}
-    assert [rows[n]["output_size"] for n in ("pool1", "pool2", "conv8", "conv9", "avgpool")] == [14, 7, 5, 3, 1]
+    names = ("pool1", "pool2", "conv8", "conv9", "avgpool")
+    assert [rows[n]["output_size"] for n in names] == [14, 7, 5, 3, 1]
     assert rows["conv9"]["rf"] == 36 and rows["avgpool"]["rf"] == 44
     # The declared layers agree with the module: conv9's real output is 3x3.
-    _, state = model.apply(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))), jnp.zeros((1, 28, 28, 1)),
-                           capture_intermediates=lambda mdl, _: mdl.name == "conv9", mutable=["intermediates"])
+    image = jnp.zeros((1, 28, 28, 1))
+    _, state = model.apply(model.init(jax.random.PRNGKey(0), image), image, mutable=["intermediates"],
+                           capture_intermediates=lambda mdl, _: mdl.name == "conv9")
     assert state["intermediates"]["conv9"]["__call__"][0].shape[1:3] == (3, 3)
 
 
@@ -293,8 +298,8 @@ def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path)
     images = np.zeros((rows * cols, 32, 32, 3), np.uint8)
     chosen = [{"index": i, "true": 0, "predicted": 1, "probability": 0.5} for i in range(rows * cols)]
     title = LONG_TITLE
-    fig = misclassified_grid(images, chosen, ["automobile", "airplane"], tmp_path / "g.png", rows=rows, cols=cols,
-                             title=title)
+    fig = misclassified_grid(images, chosen, ["automobile", "airplane"], tmp_path / "g.png",
+                             rows=rows, cols=cols, title=title)
     renderer = FigureCanvasAgg(fig).get_renderer()  # positions as laid out when saved
     width = fig.get_figwidth() * fig.dpi
     box = fig._suptitle.get_window_extent(renderer)

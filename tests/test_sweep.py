@@ -25,7 +25,7 @@ from jaxnorm.sweep import (
 
 @pytest.fixture(scope="module")
 def sweep_data():
-    return synthetic_dataset(64, 36, image_shape=(16, 16, 3))  # 36 test images: batch 8 leaves a remainder of 4
+    return synthetic_dataset(64, 36, image_shape=(16, 16, 3))  # 36 test images: batch 8 leaves 4 over
 
 
 def small_config(**changes):

@@ -10,13 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm import parallel
-from jaxnorm import train as train_lib
+from jaxnorm import parallel, train as train_lib
 from jaxnorm.config import Config, ConfigError
 from jaxnorm.models import build_model
 from jaxnorm.state import create_train_state
-from jaxnorm.train import (TrainingInterrupted, compiled_train_calls, compiled_train_step, make_epoch_order,
-                           steps_per_call, train_and_evaluate)
+from jaxnorm.train import (
+    TrainingInterrupted,
+    compiled_train_calls,
+    compiled_train_step,
+    make_epoch_order,
+    steps_per_call,
+    train_and_evaluate,
+)
 
 TIMING = ("seconds", "images_per_second")
 
@@ -98,8 +103,9 @@ def test_the_default_is_one_step_per_call_on_cpu_and_a_value_is_checked():
         Config(steps_per_call=0).validate()
 
 
-def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny_config, tmp_path, monkeypatch):
-    chunked = tiny_config.replace(steps_per_call=3, epochs=1)  # a call of 3 steps, then the epoch's last alone
+def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny_config, tmp_path,
+                                                                  monkeypatch):
+    chunked = tiny_config.replace(steps_per_call=3, epochs=1)  # a call of 3 steps, then the last one alone
     whole = train_and_evaluate(chunked, tmp_path / "calls", dataset=tiny_data, progress=False)
     assert [h["step"] for h in whole["history"]] == [4]
 
@@ -119,7 +125,8 @@ def test_a_run_of_calls_stops_at_a_calls_end_and_resumes_exactly(tiny_data, tiny
     with pytest.raises(TrainingInterrupted, match="SIGINT at epoch 1, step 3"):
         train_and_evaluate(chunked, tmp_path / "stopped", dataset=tiny_data, progress=False)
     monkeypatch.undo()
-    resumed = train_and_evaluate(chunked, tmp_path / "stopped", resume=True, dataset=tiny_data, progress=False)
+    resumed = train_and_evaluate(chunked, tmp_path / "stopped", resume=True, dataset=tiny_data,
+                                 progress=False)
     assert [{k: v for k, v in h.items() if k not in TIMING} for h in resumed["history"]] == \
         [{k: v for k, v in h.items() if k not in TIMING} for h in whole["history"]]
 
