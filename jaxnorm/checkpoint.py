@@ -36,8 +36,9 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ class RunCheckpoints:
         _let_failed_writes_finish()
         self.workdir = Path(workdir)
         self.read_only = read_only
-        self._pending: Optional[int] = None  # the step of the save in flight
+        self._pending: int | None = None  # the step of the save in flight
         self._failed = False
         self._warned: set = set()
         self.directory = self.workdir.expanduser().absolute() / "ckpt"
@@ -151,10 +152,10 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
 
     # -- queries -------------------------------------------------------------------------------
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_step(self) -> Optional[int]:
+    def best_step(self) -> int | None:
         return self.manager.best_step()
 
     def all_steps(self) -> list[int]:
@@ -184,10 +185,11 @@ class RunCheckpoints:
         if any(TMP_MARKER in name for name in entries):
             return (f"{self.workdir} holds only a half-written checkpoint ({entries[0]}): the run was "
                     "stopped during its first save")
-        return f"{self.workdir} holds no jaxnorm checkpoints ({self.directory.name}/ has {', '.join(entries[:3])})"
+        listed = ", ".join(entries[:3])
+        return f"{self.workdir} holds no jaxnorm checkpoints ({self.directory.name}/ has {listed})"
 
     # -- save / restore ------------------------------------------------------------------------
-    def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None) -> None:
+    def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
         """Start an asynchronous save; `wait()` before relying on it. The meta gets the state's checksums."""
         self.wait()  # a failure of the previous save is reported as that step's
         meta = {**meta, "checksums": tree_checksums(state)}
@@ -215,7 +217,8 @@ class RunCheckpoints:
         except Exception as e:  # Orbax and TensorStore raise many types for a failed write
             self._failed, self._pending = True, None
             good = self.complete_steps_on_disk()
-            last = (f"the last good checkpoint is step {good[-1]}" if good else "no checkpoint was saved before it")
+            last = (f"the last good checkpoint is step {good[-1]}" if good
+                    else "no checkpoint was saved before it")
             raise CheckpointSaveError(
                 f"could not save step {step} in {self.directory}: {failure_cause(e, _short(e))}; {last} "
                 "(fix the cause, then continue with --resume)") from None
@@ -245,16 +248,17 @@ class RunCheckpoints:
             now = tree_checksums(state)
             bad = [k for k in saved if now.get(k) != saved[k]] + [k for k in now if k not in saved]
             if bad:
-                raise UnreadableCheckpoint(f"checkpoint step {step} in {self.directory} is damaged: {len(bad)} "
-                                           f"of {len(saved)} arrays differ from what was saved ({bad[0]})")
+                raise UnreadableCheckpoint(
+                    f"checkpoint step {step} in {self.directory} is damaged: {len(bad)} "
+                    f"of {len(saved)} arrays differ from what was saved ({bad[0]})")
         return state, meta
 
     # -- falling back past unreadable checkpoints ----------------------------------------------
-    def _candidates(self, prefer: Optional[int]) -> list[int]:
+    def _candidates(self, prefer: int | None) -> list[int]:
         newest_first = sorted(self.all_steps(), reverse=True)
         return ([prefer] if prefer is not None else []) + [s for s in newest_first if s != prefer]
 
-    def _fallback(self, load: Callable[[int], Any], prefer: Optional[int]):
+    def _fallback(self, load: Callable[[int], Any], prefer: int | None):
         """(step, load(step)) for the first candidate that loads; one warning line per skipped step."""
         skipped = []
         for step in self._candidates(prefer):
@@ -276,11 +280,11 @@ class RunCheckpoints:
                               f"{', '.join(str(s) for s, _ in skipped)} are unreadable ({skipped[0][1]}); "
                               f"move {self.directory} aside to start the run again")
 
-    def readable_meta(self, prefer: Optional[int] = None) -> tuple[int, dict]:
+    def readable_meta(self, prefer: int | None = None) -> tuple[int, dict]:
         """(step, meta) of `prefer` or else the newest checkpoint whose record reads."""
         return self._fallback(self.restore_meta, prefer)
 
-    def restore_readable(self, abstract_state: Any, prefer: Optional[int] = None) -> tuple[int, Any, dict]:
+    def restore_readable(self, abstract_state: Any, prefer: int | None = None) -> tuple[int, Any, dict]:
         """(step, state, meta) of `prefer` or else the newest checkpoint that reads and verifies.
         `abstract_state` is the restore target, or a function of the checkpoint's meta giving it."""
         def load(step):
@@ -314,8 +318,9 @@ class RunCheckpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types for unreadable data; say it in the user's terms
-            raise UnreadableCheckpoint(f"checkpoint step {step} in {self.directory} is unreadable "
-                                       f"({failure_cause(e, 'its files are damaged or incomplete')})") from None
+            cause = failure_cause(e, "its files are damaged or incomplete")
+            raise UnreadableCheckpoint(
+                f"checkpoint step {step} in {self.directory} is unreadable ({cause})") from None
 
     def close(self) -> None:
         try:
@@ -372,7 +377,8 @@ def check_writable_workdir(workdir: str | Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise CheckpointError(f"--workdir {workdir} is not writable ({e.strerror or e} in {existing})") from None
+        why = e.strerror or e
+        raise CheckpointError(f"--workdir {workdir} is not writable ({why} in {existing})") from None
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"--workdir {workdir} is not writable (no write permission on {existing})")
 

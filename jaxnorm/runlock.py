@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 LOCK_NAME = "jaxnorm.lock"
 REFRESH_SECONDS = 60  # the holder touches its lock this often...
@@ -51,7 +50,7 @@ class RunLocked(RuntimeError):
     """Another process holds the run folder; the command line prints its message as one line."""
 
 
-def _process_start(pid: int) -> Optional[str]:
+def _process_start(pid: int) -> str | None:
     """The start time of `pid` in clock ticks since boot (Linux), to tell a reused PID apart."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -81,10 +80,10 @@ class RunLock:
         self.workdir = Path(workdir).expanduser().absolute()
         self.path = self.workdir / LOCK_NAME
         self.enabled = enabled
-        self._record: Optional[str] = None
+        self._record: str | None = None
         self._created_folder = False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if not self.enabled:
             return self
         if self.path in _HELD:  # already ours: nested use
@@ -125,7 +124,8 @@ class RunLock:
             _HELD[self.path] = 1
             _HEARTBEATS[self.path] = _Heartbeat(self.path, record)
             return self
-        raise RunLocked(f"{self.workdir}: could not take its lock {self.path} (another process keeps taking it)")
+        raise RunLocked(f"{self.workdir}: could not take its lock {self.path} "
+                        "(another process keeps taking it)")
 
     def _take_over_if_stale(self, text: str, holder: dict, this_host: str) -> None:
         """Take over the lock file holding `text` (`holder`, parsed) with a note if it is stale, else
@@ -152,13 +152,13 @@ class RunLock:
         print(f"note: {self.workdir} was locked by {who}), untouched for {_duration(untouched)}: taking the "
               "folder over", file=sys.stderr)
 
-    def _read(self) -> Optional[str]:
+    def _read(self) -> str | None:
         try:
             return self.path.read_text()
         except FileNotFoundError:
             return None
 
-    def _mtime(self) -> Optional[float]:
+    def _mtime(self) -> float | None:
         try:
             return self.path.stat().st_mtime
         except FileNotFoundError:
@@ -199,7 +199,7 @@ class RunLock:
                 print(f"warning: could not remove the lock {self.path}: {e.strerror}", file=sys.stderr)
         self._record = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> bool:
@@ -215,6 +215,7 @@ def holding_run_lock(fn):
     @functools.wraps(fn)
     def locked(config, workdir, *args, **kwargs):
         import jax
+
         from jaxnorm.checkpoint import check_writable_workdir
         check_writable_workdir(workdir)  # a clear message before the lock tries to create anything
         with RunLock(workdir, enabled=jax.process_index() == 0):

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_robust import _metrics, _start, _wait_for_first_checkpoint
 from jaxnorm.checkpoint import RunCheckpoints
+from test_robust import _metrics, _start, _wait_for_first_checkpoint
 
 pytestmark = pytest.mark.faults
 
@@ -75,8 +75,10 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
                 landed = _kill_when(process, _after_taking(victim, process, rng.uniform(0, 4)))
             if landed:
                 tried.append(moment)
-                if (victim / "ckpt").is_dir() and RunCheckpoints(victim, read_only=True).latest_step() is not None:
-                    RunCheckpoints(victim, read_only=True).require_latest_step()  # a usable folder each time
+                if (victim / "ckpt").is_dir():
+                    checkpoints = RunCheckpoints(victim, read_only=True)
+                    if checkpoints.latest_step() is not None:
+                        checkpoints.require_latest_step()  # a usable folder each time
         final = _start(victim, cache, "--resume")
         out, err = final.communicate(timeout=300)
         assert final.returncode == 0, err

@@ -20,8 +20,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from conftest import ROOT
-from test_robust import _load_script
 from jaxnorm.runlock import LOCK_NAME, STALE_SECONDS
+from test_robust import _load_script
 
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
 TINY = dict(EPOCHS=2, SEEDS=[0], NORMS=["bn"], DATASET="synthetic", EXTRA=["--preset", "narrow"],
@@ -30,7 +30,8 @@ TINY = dict(EPOCHS=2, SEEDS=[0], NORMS=["bn"], DATASET="synthetic", EXTRA=["--pr
 
 def code_cells():
     cells = json.loads(NOTEBOOK.read_text())["cells"]
-    return [(c.get("metadata", {}).get("tags", []), "".join(c["source"])) for c in cells if c["cell_type"] == "code"]
+    return [(c.get("metadata", {}).get("tags", []), "".join(c["source"]))
+            for c in cells if c["cell_type"] == "code"]
 
 
 def execute(source, namespace, name):
@@ -46,7 +47,8 @@ def test_the_notebook_is_valid_nbformat_4_stored_clean_and_plain_python():
         assert isinstance(cell["source"], list) and all(isinstance(line, str) for line in cell["source"])
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None  # stored without outputs
-            compile("".join(cell["source"]), "cell", "exec")  # plain Python: no `!` or `%` magics to fail silently
+            # plain Python: no `!` or `%` magics to fail silently
+            compile("".join(cell["source"]), "cell", "exec")
     tags = [tags for tags, _ in code_cells()]
     assert tags[0] == ["parameters"] and sum("install" in t for t in tags) == 1
     try:

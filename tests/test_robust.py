@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+import jaxnorm.train as train_lib
 from conftest import CIFAR_SUBSET, ROOT
 from jaxnorm import runlock
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, check_writable_workdir
 from jaxnorm.cli import run_main
 from jaxnorm.config import ConfigError
 from jaxnorm.runlock import LOCK_NAME
-import jaxnorm.train as train_lib
 from jaxnorm.train import TrainingError, TrainingInterrupted, train_and_evaluate
 
 TIMING = ("seconds", "images_per_second")
@@ -94,7 +94,8 @@ def test_sigint_mid_epoch_saves_there_and_resume_is_exact(straight, tiny_data, t
     monkeypatch.undo()
     resumed = train_and_evaluate(config, tmp_path, resume=True, dataset=tiny_data, progress=False)
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    assert without_timing(json.loads((tmp_path / "metrics.json").read_text())) == without_timing(reference["history"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert without_timing(saved) == without_timing(reference["history"])
     # The mid-epoch checkpoint ages out like any other; "best" stays an end-of-epoch one.
     after = RunCheckpoints(tmp_path, read_only=True)
     assert after.latest_step() == 12 and after.best_step() in (4, 8, 12)
@@ -131,7 +132,8 @@ def test_resume_ignores_a_half_written_checkpoint_and_rewrites_metrics(straight,
     assert checkpoints.all_steps() == [4] and checkpoints.require_latest_step() == 4
     resumed = train_and_evaluate(config, tmp_path, resume=True, dataset=tiny_data, progress=False)
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    assert without_timing(json.loads((tmp_path / "metrics.json").read_text())) == without_timing(reference["history"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert without_timing(saved) == without_timing(reference["history"])
 
 
 def test_a_run_left_locked_by_a_lost_machine_resumes_exactly_on_a_new_host(straight, tiny_data, one_epoch,
@@ -167,7 +169,8 @@ def test_non_finite_loss_names_the_step_and_keeps_the_good_checkpoint(straight, 
 
 def test_non_finite_loss_in_the_first_epoch_saves_nothing(straight, tiny_data, tmp_path):
     config, _ = straight
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step [1-4]; no checkpoint was saved"):
+    message = r"non-finite loss at epoch 1, step [1-4]; no checkpoint was saved"
+    with pytest.raises(TrainingError, match=message):
         train_and_evaluate(config.replace(lr=1e6), tmp_path, dataset=tiny_data, progress=False)
     assert RunCheckpoints(tmp_path, read_only=True).all_steps() == []
 
@@ -299,7 +302,8 @@ def test_an_interrupted_study_exits_like_train(tmp_path, monkeypatch, capsys):
     signal_at_step(monkeypatch, signal.SIGINT, at_call=2)  # 8 steps per epoch: mid-epoch
     study = _load_script("study.py")
     args = ["--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--norms", "bn", "--preset", "narrow",
-            "--batch-size", "64", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-progress"]
+            "--batch-size", "64", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--no-progress"]
     with pytest.raises(SystemExit) as info:
         run_main(lambda: study.main(args), resume_with="python scripts/study.py ...")
     err = capsys.readouterr().err
@@ -325,7 +329,8 @@ SIGNAL_RUN = [*TINY, "--epochs", "4", "--seed", "3"]  # 32 steps per epoch
 def _start(workdir, cache, *extra):
     # A compilation cache shared by the processes of this test only: later processes skip compiling.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *SIGNAL_RUN, *extra,
                              "--workdir", str(workdir)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -397,7 +402,8 @@ def test_resume_with_a_contradicting_config_is_refused_by_the_cli(signal_runs, c
     for change, message in [(["--norm", "gn"], "norm 'bn' -> 'gn'"),
                             (["--width", "12"], "width 8 -> 12"),
                             (["--skip"], "skip False -> True"),
-                            *([(["--dataset", "cifar10", "--data-dir", CIFAR_SUBSET], "dataset 'synthetic' -> 'cifar10'")]
+                            *([(["--dataset", "cifar10", "--data-dir", CIFAR_SUBSET],
+                                "dataset 'synthetic' -> 'cifar10'")]
                               if CIFAR_SUBSET.exists() else [])]:
         code, out, err = cli(capsys, *args, *change)
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
