@@ -38,12 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--epoch-images", type=int, default=50_000, help="images in the timed epoch")
+    p.add_argument("--eval-images", type=int, default=10_000, help="images of the timed evaluation "
+                   "(default %(default)s, CIFAR-10's test set)")
     p.add_argument("--steps-per-call", type=int, help="steps per compiled call in the timed epoch "
                    "(default: training's, 1 on CPU and the whole epoch on GPUs/TPUs)")
     p.add_argument("--json", help="write the results here (default benchmarks/<platform>-<n>dev.json)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     args = p.parse_args(argv)
     epoch_steps = args.epoch_images // args.batch_size
+    if args.eval_images <= 0:
+        p.error("--eval-images must be positive")
     if not 0 < args.steps <= epoch_steps:
         p.error(f"--steps must be in 1..{epoch_steps} (the steps of one --epoch-images epoch)")
     return args
@@ -76,7 +80,7 @@ def bench_norm(norm, precision, args):
 
     config = Config(norm=norm, batch_size=args.batch_size, dataset="synthetic", precision=precision,
                     steps_per_call=args.steps_per_call).validate()
-    data = synthetic_dataset(args.epoch_images, 10_000)
+    data = synthetic_dataset(args.epoch_images, args.eval_images)
     run = setup_run(config, data)
     mesh, state, steps_per_epoch = run.mesh, run.state, run.steps_per_epoch
     images, labels = run.images, run.labels

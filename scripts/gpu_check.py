@@ -40,6 +40,8 @@ def parse_args(argv=None):
                    "%(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="benchmark repeats (default %(default)s)")
     p.add_argument("--epoch-images", type=int, default=50_000, help="images in the benchmark's timed epoch")
+    p.add_argument("--eval-images", type=int, default=10_000,
+                   help="images of the benchmark's timed evaluation")
     p.add_argument("--json", default="benchmarks/gpu-check.json", help="where to write the results "
                    "(default %(default)s)")
     return p.parse_args(argv)
@@ -58,7 +60,8 @@ def run_script(name: str, args: list, env: dict | None = None) -> float:
 def benchmark(layers: str, args, out: Path) -> dict:
     """scripts/benchmark.py with one layer set (float32): its JSON, which holds a row per norm."""
     run_script("benchmark.py", ["--norm", *args.norm, "--batch-size", args.batch_size, "--steps", args.steps,
-                                "--repeats", args.repeats, "--epoch-images", args.epoch_images, "--no-torch",
+                                "--repeats", args.repeats, "--epoch-images", args.epoch_images,
+                                "--eval-images", args.eval_images, "--no-torch",
                                 "--json", out], env={"JAXNORM_LAYERS": layers})
     return json.loads(out.read_text())
 

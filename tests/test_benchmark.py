@@ -8,7 +8,8 @@ from conftest import run_script
 def test_benchmark_script_prints_and_writes_every_norm_and_precision(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("benchmark.py", "--norm", "bn", "ln", "--precision", "bf16", "--batch-size", "16",
-                        "--steps", "2", "--repeats", "1", "--epoch-images", "64", "--no-torch", "--json", out)
+                        "--steps", "2", "--repeats", "1", "--epoch-images", "64", "--eval-images", "64",
+                        "--no-torch", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     rows = rows.get("results", rows) if isinstance(rows, dict) else rows
@@ -29,7 +30,7 @@ def test_gpu_check_measures_both_layer_sets_and_times_a_run(tmp_path):
     out = tmp_path / "check.json"
     result = run_script("gpu_check.py", "--norm", "ln", "--run-norm", "ln", "--dataset", "synthetic",
                         "--epochs", "1", "--batch-size", "16", "--steps", "2", "--repeats", "1",
-                        "--epoch-images", "64", "--json", out, timeout=900)
+                        "--epoch-images", "64", "--eval-images", "64", "--json", out, timeout=900)
     assert result.returncode == 0, result.stderr
     check = json.loads(out.read_text())
     assert {layers: [r["layers"] for r in b["results"]] for layers, b in check["benchmarks"].items()} == \
