@@ -36,7 +36,7 @@ def run_row(workdir: Path) -> dict:
     record = json.loads(evaluation.read_text())
     config = Config.from_dict(record["config"])
     history = record["history"]
-    if config.train_split is None:
+    if config.evaluation_set != "validation":
         raise ConfigError(f"{workdir} was evaluated on the test set, not a validation split: tuning compares "
                           "validation runs only (--train-split)")
     if record["epoch"] != len(history) or len(history) != config.epochs:
