@@ -47,6 +47,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint._src import asyncio_utils
 
+from jaxnorm.config import Config
+
 BEST_METRIC = "test_accuracy"
 META_KEYS = ("config", "history")  # what every jaxnorm checkpoint's meta holds
 
@@ -171,7 +173,7 @@ class RunCheckpoints:
         """The end-of-epoch checkpoint with the best validation accuracy (the latest if none has one);
         CheckpointError for a run without a validation split, whose per-epoch figures are test figures."""
         latest, meta = self.readable_meta(prefer=self.require_latest_step())
-        if not meta["config"].get("train_split"):
+        if Config.from_dict(meta["config"]).evaluation_set != "validation":
             raise CheckpointError(f"{self.workdir} has no validation split (--train-split): its per-epoch "
                                   "accuracy is on the test set, so no best checkpoint is chosen; use the "
                                   "final one")
