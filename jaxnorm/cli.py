@@ -91,7 +91,7 @@ def add_config_options(parser: argparse.ArgumentParser, *, only: Iterable[str] =
                                                 **kwargs)
         if f.name == "width":
             groups[IDENTITY].add_argument(
-                "--preset", choices=sorted(WIDTH_PRESETS), default="seed",
+                "--preset", choices=sorted(WIDTH_PRESETS), default="base",
                 help="channel widths (3x3/1x1): "
                 + ", ".join(f"{k} {w}/{t}" for k, (w, t) in WIDTH_PRESETS.items()) + " (default %(default)s)")
 

@@ -4,8 +4,8 @@
     python scripts/train.py --dataset mnist --norm gn   # the MNIST net, 15 epochs, batch 64, 2 groups
 
 The CIFAR-10 recipe (SGD with Nesterov momentum, lr 0.1 after a 1-epoch warm-up decaying linearly to 0,
-no dropout) was chosen over the seeds' (lr 0.05 x0.1 after 10 epochs, dropout 0.05) on a validation
-split of the training images: see results/cifar10-jpeg/tuning.md.
+no dropout) was chosen over the reference implementations' (lr 0.05 x0.1 after 10 epochs, dropout
+0.05) on a validation split of the training images: see results/cifar10-jpeg/tuning.md.
 
 The dataset-dependent defaults live in one place, `DATASET_DEFAULTS`, applied by `Config.for_dataset`.
 The command-line options of every script are generated from the fields (`jaxnorm.cli`).
@@ -27,16 +27,16 @@ SCHEDULES = ("step", "linear", "cosine")
 DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 PRECISIONS = ("f32", "bf16")
 
-# Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the seeds' recipe (15
-# epochs, batch 64, lr 0.05 x0.1 after 10 epochs, dropout 0.05); 2 groups (the largest count dividing
-# 10, 16 and 8); no flips (digits are not mirror-symmetric); --crop shifts by at most 2 pixels (a digit
-# fills the central 20x20 of 28x28).
+# Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the reference
+# implementations' recipe (15 epochs, batch 64, lr 0.05 x0.1 after 10 epochs, dropout 0.05); 2 groups
+# (the largest count dividing 10, 16 and 8); no flips (digits are not mirror-symmetric); --crop shifts
+# by at most 2 pixels (a digit fills the central 20x20 of 28x28).
 DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip": False, "crop_padding": 2,
                               "lr": 0.05, "schedule": "step", "warmup_epochs": 0.0, "nesterov": False,
                               "dropout": 0.05}}
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
-WIDTH_PRESETS = {"seed": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
+WIDTH_PRESETS = {"base": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
 
 # What runs saved before a field existed did, for `Config.from_dict`: the step schedule without warm-up
 # or Nesterov, crops by 4 pixels.
@@ -108,16 +108,17 @@ class Config:
     dropout: float = knob(0.0, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
     # Data.
-    dataset: str = knob("cifar10", "cifar10: the seed CNN; mnist: the 10,224-parameter MNIST net, no flips; "
-                        "folder: the seed CNN on the image folder --data-dir, one class per sub-folder; "
-                        "synthetic: generated images for smoke runs", role=IDENTITY, choices=DATASETS)
+    dataset: str = knob("cifar10", "cifar10: the CIFAR-10 CNN; mnist: the 10,224-parameter MNIST net, no "
+                        "flips; folder: the CIFAR-10 CNN on the image folder --data-dir, one class per "
+                        "sub-folder; synthetic: generated images for smoke runs",
+                        role=IDENTITY, choices=DATASETS)
     data_dir: str | None = knob(
         None, "CIFAR-10 archive (cifar-10-binary.tar.gz / cifar-10-python.tar.gz) or its extracted folder; "
         "for mnist a folder of the idx files (t10k-images-idx3-ubyte.gz, ...); an image folder "
         "train/<class>/*, test/<class>/* or a .tar/.tar.gz/.zip of one (folder; cifar10 with its ten class "
         "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
-    flip: bool = knob(True, "random horizontal flips (the CIFAR-10 seeds')")
+    flip: bool = knob(True, "random horizontal flips, as in the reference implementations")
     crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
     crop_padding: int = knob(4, "the largest shift of --crop, in pixels")
     train_split: int | None = knob(

@@ -399,7 +399,7 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_requests, progress: bool) -> 
         with run.checkpoints.saving(int(run.state.step)):  # a full disk: one line, as for the checkpoint
             write_json(run.workdir / "metrics.json", run.history)
     tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
-               f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
+               f"acc {record['train_accuracy']:.2%} | {config.evaluation_set} loss {record['test_loss']:.4f} "
                f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
                f"| {seconds:.1f}s")
 

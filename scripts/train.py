@@ -1,4 +1,4 @@
-"""Train the seed CNN (CIFAR-10) or the MNIST net with one normalisation layer.
+"""Train the CIFAR-10 CNN or the MNIST net with one normalisation layer.
 
     python scripts/train.py --norm gn                   # CIFAR-10, downloaded once into ~/tensorflow_datasets
     python scripts/train.py --norm bn --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz

@@ -9,7 +9,7 @@ from jaxnorm.models import build_model, count_params, init_variables
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
-def test_seed_preset_has_exactly_34872_parameters(norm):
+def test_base_preset_has_exactly_34872_parameters(norm):
     variables = init_variables(build_model(Config(norm=norm)), (32, 32, 3))
     assert count_params(variables["params"]) == 34_872
 

@@ -71,6 +71,12 @@ def test_jaxnorm_layers_forces_either_choice_and_a_typo_is_an_error(host):
         devices.setup_cpu_devices()  # checked at a script's start, on any host
 
 
+def test_the_layer_choices_are_the_layer_sets():
+    # devices.py names the choices without importing jax (it runs before JAX starts); layers.py holds them.
+    from jaxnorm.layers import LAYER_SETS
+    assert set(devices.LAYER_CHOICES) == set(LAYER_SETS)
+
+
 class FakeLibc:
     """glibc as ctypes loads it, recording mallopt calls."""
 
