@@ -57,6 +57,7 @@ RANGES = {
     "width": POSITIVE,
     "transition_width": POSITIVE,
     "dropout": ("in [0, 1)", lambda value, config: 0 <= value < 1),
+    "rotate": ("in [0, 180]", lambda value, config: 0 <= value <= 180),
     "crop_padding": POSITIVE,
     "train_split": POSITIVE,
     "train_images": POSITIVE,
@@ -119,6 +120,8 @@ class Config:
         "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
     flip: bool = knob(True, "random horizontal flips, as in the reference implementations")
+    rotate: float = knob(0.0, "also rotate each image by a random angle in [-X, X] degrees (bilinear)",
+                         metavar="X")
     crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
     crop_padding: int = knob(4, "the largest shift of --crop, in pixels")
     train_split: int | None = knob(
@@ -180,7 +183,9 @@ class Config:
         else:
             warmup = f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else ""
             schedule = f"{warmup}{self.schedule} decay to 0"
-        augment = [a for a, on in (("flips", self.flip), (f"pad-{self.crop_padding} crops", self.crop)) if on]
+        augment = [a for a, on in (("flips", self.flip), (f"rotations up to {self.rotate:g} degrees",
+                                                          self.rotate),
+                                   (f"pad-{self.crop_padding} crops", self.crop)) if on]
         batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
         if lr_scaled_with_batch:
             batch, lr = "batch B", f"lr {self.lr:g} x B / {self.batch_size}"

@@ -431,12 +431,17 @@ def synthetic_dataset(num_train: int = 512, num_test: int = 256, image_shape=(32
 # Augmentation, inside the compiled step.
 
 
-def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, crop_padding: int = 0) -> jax.Array:
-    """Random horizontal flip (and pad-and-crop) of an NHWC batch, one draw per image."""
+def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, rotate_degrees: float = 0.0,
+            crop_padding: int = 0) -> jax.Array:
+    """Random horizontal flip (then rotation, then pad-and-crop) of an NHWC batch, one draw per image."""
     flip_key, crop_key = jax.random.split(key)
     if flip:
         do_flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
         images = jnp.where(do_flip, images[:, :, ::-1, :], images)
+    if rotate_degrees:  # its own key, folded in: flips and crops draw as they did before rotations existed
+        angles = jax.random.uniform(jax.random.fold_in(key, 2), (images.shape[0],),
+                                    minval=-rotate_degrees, maxval=rotate_degrees)
+        images = rotate(images, angles)
     if crop_padding:
         n, h, w, _ = images.shape
         p = crop_padding
@@ -445,3 +450,21 @@ def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, crop_paddin
         images = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
             padded, offsets)
     return images
+
+
+def rotate(images: jax.Array, degrees: jax.Array) -> jax.Array:
+    """Each NHWC image rotated anticlockwise by its angle about its centre, bilinear; pixels from
+    outside the image take the nearest edge pixel's value (background, for digits)."""
+    _, h, w, _ = images.shape
+    rows, cols = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij")
+
+    def one(image, angle):
+        # Inverse mapping: each output pixel reads the input at its position turned back (rows grow
+        # downwards; at 90 degrees output (r, c) reads input (c, -r), as np.rot90 does).
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        source = (cos * rows + sin * cols + (h - 1) / 2, -sin * rows + cos * cols + (w - 1) / 2)
+        channel = lambda c: jax.scipy.ndimage.map_coordinates(c, source, order=1, mode="nearest")  # noqa: E731
+        return jax.vmap(channel, in_axes=-1, out_axes=-1)(image)
+
+    out = jax.vmap(one)(images.astype(jnp.float32), jnp.deg2rad(degrees))
+    return (jnp.round(out) if jnp.issubdtype(images.dtype, jnp.integer) else out).astype(images.dtype)

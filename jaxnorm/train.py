@@ -84,7 +84,8 @@ def train_step_fn(config: Config, mesh) -> Callable:
         x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
         y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
         aug_key, dropout_key = jax.random.split(_step_key(config, 1, state.step))
-        x = augment(x, aug_key, flip=config.flip, crop_padding=config.crop_padding if config.crop else 0)
+        x = augment(x, aug_key, flip=config.flip, rotate_degrees=config.rotate,
+                    crop_padding=config.crop_padding if config.crop else 0)
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,

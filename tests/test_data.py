@@ -2,11 +2,12 @@ import io
 import tarfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import CIFAR_SUBSET
-from jaxnorm.data import DataError, augment, load_dataset, read_cifar10_archive
+from jaxnorm.data import DataError, augment, load_dataset, read_cifar10_archive, rotate
 
 needs_subset = pytest.mark.skipif(not CIFAR_SUBSET.exists(), reason="../shared/data not present")
 
@@ -83,6 +84,33 @@ def test_flip_mirrors_a_random_half_and_keeps_the_rest():
     assert 16 < sum(flipped) < 48
     again = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
     np.testing.assert_array_equal(out, again)  # driven by the key alone
+
+
+def test_rotate_turns_images_about_their_centre():
+    images = np.random.default_rng(0).integers(0, 255, (3, 6, 6, 2)).astype(np.uint8)
+    out = np.asarray(rotate(images, jnp.array([0.0, 90.0, -90.0])))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    np.testing.assert_array_equal(out[0], images[0])
+    np.testing.assert_array_equal(out[1], np.rot90(images[1], k=1))  # anticlockwise on screen
+    np.testing.assert_array_equal(out[2], np.rot90(images[2], k=-1))
+    # In between, bilinear: 45 degrees of a centred blob keeps its centre and its mass about the same.
+    blob = np.zeros((1, 9, 9, 1), np.float32)
+    blob[0, 3:6, 3:6] = 1
+    turned = np.asarray(rotate(blob, jnp.array([45.0])))
+    assert turned[0, 4, 4, 0] == 1 and abs(turned.sum() - 9) < 1.5 and not np.array_equal(turned, blob)
+
+
+def test_rotation_draws_an_angle_per_image_and_leaves_flips_and_crops_as_they_were():
+    images = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    key = jax.random.PRNGKey(5)
+    plain = np.asarray(augment(images, key, flip=True, crop_padding=2))
+    rotated = np.asarray(augment(images, key, flip=True, rotate_degrees=30, crop_padding=2))
+    assert not np.allclose(plain, rotated)
+    # Without rotations the flips and crops are the same draws as before the option existed.
+    np.testing.assert_array_equal(plain, np.asarray(augment(images, key, flip=True, rotate_degrees=0,
+                                                            crop_padding=2)))
+    changed = [not np.allclose(p, r) for p, r in zip(plain, rotated, strict=True)]
+    assert sum(changed) >= 14  # angles are drawn per image, uniform in [-30, 30]
 
 
 def test_crop_shifts_images_within_the_padding():
