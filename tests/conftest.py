@@ -13,28 +13,57 @@ CIFAR_SUBSET = SHARED_DATA / "cifar10-subset" / "cifar-10-binary.tar.gz"
 # checkout's, even where another copy is installed or none is.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
+# Most of the suite's time is compilation, and its tests build the same few steps again and again (a
+# new jit for each, in this process and in the scripts it runs). JAX's persistent compilation cache, in
+# a folder of this run, compiles each once: set in the environment before JAX is imported, so the
+# subprocesses (scripts, workers) read and fill the same cache as this process; so do pytest-xdist's
+# workers (`-n 2`, as .ci/run runs it), which find the folder their controller made in the environment.
+# A test whose processes are SIGKILLed (possibly mid-write of an entry) gives them a cache of their own:
+# see copy_of_cache.
+if os.environ.get("JAXNORM_TEST_COMPILE_CACHE", "1") != "0":
+    _cache = os.environ.get("JAXNORM_TEST_CACHE_DIR")
+    if not (_cache and os.environ.get("PYTEST_XDIST_WORKER")):
+        import atexit
+        import shutil
+        import tempfile
+
+        _cache = tempfile.mkdtemp(prefix="jaxnorm-test-cache-")
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update({"JAXNORM_TEST_CACHE_DIR": _cache, "JAX_COMPILATION_CACHE_DIR": _cache,
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+
+# Compile fast, run slower: the suite's computations are tiny and its time is compilation, most of which
+# is XLA:CPU optimising the code it generates (measured: a tiny 2-epoch run, 34 CPU s at the default level,
+# 17 at level 0). Set before any backend starts; the scripts and workers inherit it.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0"
+                  if os.environ.get("JAXNORM_TEST_FAST_COMPILE", "1") != "0" else "")
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
+
+import jax  # noqa: E402
+
 import jaxnorm  # noqa: E402
 from jaxnorm.config import Config  # noqa: E402
 from jaxnorm.data import synthetic_dataset  # noqa: E402
+
+if os.environ.get("JAXNORM_TEST_COMPILE_CACHE", "1") != "0":  # in case a plugin imported jax before us
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The test process is an entry point like the scripts: one CPU device per core, set up before any
 # test starts JAX (in-process tests then see what the scripts see).
 jaxnorm.setup_cpu_devices()
 
-# Most of the suite's time is compilation, and its tests build the same few steps again and again (a
-# new jit for each). JAX's persistent compilation cache, in a folder of this run, compiles each once.
-# In this process only: the scripts the tests run in subprocesses (some killed mid-write) compile anew.
-if os.environ.get("JAXNORM_TEST_COMPILE_CACHE", "1") != "0":
-    import atexit  # noqa: E402
-    import shutil  # noqa: E402
-    import tempfile  # noqa: E402
 
-    import jax  # noqa: E402
-
-    _cache = tempfile.mkdtemp(prefix="jaxnorm-test-cache-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", _cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+def copy_of_cache(path):
+    """A private copy of this run's compilation cache at `path` (for processes that are SIGKILLed)."""
+    import shutil
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        shutil.copytree(cache, path, dirs_exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

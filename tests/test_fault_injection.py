@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS, copy_of_cache
 from jaxnorm.checkpoint import RunCheckpoints
 from test_robust import _metrics, _start, _wait_for_first_checkpoint
 
@@ -59,7 +59,8 @@ def _after_taking(workdir, process, delay):
 
 def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupted_run(tmp_path):
     rng = random.Random(int(os.environ.get("JAXNORM_FAULT_SEED", "0")))
-    cache, reference, victim = tmp_path / "jax-cache", tmp_path / "reference", tmp_path / "victim"
+    cache, reference, victim = copy_of_cache(tmp_path / "jax-cache"), tmp_path / "reference", \
+        tmp_path / "victim"
     ref = _start(reference, cache)
     _wait_for_first_checkpoint(reference, ref)  # compiled once: later processes read the cache
     tried = []  # the moments at which a SIGKILL landed on a running process
@@ -102,7 +103,7 @@ def _free_port():
 def test_sigterm_on_one_of_two_hosts_makes_both_save_the_same_step(tmp_path):
     port, workdir = _free_port(), tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # one device per process, none forced; only the suite's flags
     hosts = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), str(i),
                                str(workdir)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for i in range(2)]

@@ -15,7 +15,6 @@ import types
 import zipfile
 from importlib.metadata import version
 
-import jax
 import pytest
 from packaging.requirements import Requirement
 
@@ -98,9 +97,6 @@ def test_the_notebook_runs_the_study_on_tiny_settings_resuming_a_lost_vms_run(tm
                                                                               fake_display):
     run_folder = leave_a_run_as_a_lost_vm_does(tmp_path / "store")
     capsys.readouterr()
-    if jax.config.jax_compilation_cache_dir:  # the notebook's commands reuse what that run compiled here
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch.chdir(ROOT / "notebooks")  # opened from a checkout: the project is found in ".."
     cells = code_cells()
     namespace = {}

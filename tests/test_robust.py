@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import jaxnorm.train as train_lib
-from conftest import CIFAR_SUBSET, ROOT
+from conftest import CIFAR_SUBSET, ROOT, copy_of_cache
 from jaxnorm import runlock
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, check_writable_workdir
 from jaxnorm.cli import run_main
@@ -327,7 +327,8 @@ SIGNAL_RUN = [*TINY, "--epochs", "4", "--seed", "3"]  # 32 steps per epoch
 
 
 def _start(workdir, cache, *extra):
-    # A compilation cache shared by the processes of this test only: later processes skip compiling.
+    # A compilation cache shared by the processes of this test only (a copy of the run's, see
+    # conftest.copy_of_cache): later processes skip compiling, and a SIGKILL mid-write spoils no other test.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -348,7 +349,7 @@ def _wait_for_first_checkpoint(workdir, process, timeout=120):
 def signal_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("signals")
     runs = {name: root / name for name in ("reference", "killed", "interrupted")}
-    cache = root / "jax-cache"
+    cache = copy_of_cache(root / "jax-cache")
     procs = {"reference": _start(runs["reference"], cache)}
     try:
         _wait_for_first_checkpoint(runs["reference"], procs["reference"])  # compiled: cache filled
