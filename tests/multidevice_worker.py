@@ -4,10 +4,12 @@
 
 Writes OUT_DIR/step.npz (parameters and batch statistics after one training step, per norm) and a
 short training run per norm in OUT_DIR/run-<norm>. With RESTORE_RUN_DIR, also restores that run's
-latest checkpoint here and writes its test logits to OUT_DIR/restored_logits.npy.
+latest checkpoint here and writes its test logits to OUT_DIR/restored_logits.npy: once the worker that
+writes it has finished (its step.npz exists), so that the two workers can run at the same time.
 """
 
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -54,6 +56,11 @@ def main(out_dir, restore_dir=None):
         train_and_evaluate(config(norm), out / f"run-{norm}", dataset=DATA, progress=False)
     np.savez(out / "step.npz", **arrays)
     if restore_dir:
+        deadline = time.monotonic() + 900
+        while not (Path(restore_dir).parent / "step.npz").exists():  # the other worker is still training
+            if time.monotonic() > deadline:
+                sys.exit(f"{restore_dir}: its worker did not finish")
+            time.sleep(0.5)
         cfg = config("bn")
         mesh = parallel.make_mesh(cfg.batch_size)
         template = create_train_state(build_model(cfg, *DATA.channel_stats()), cfg, DATA.image_shape, 4)

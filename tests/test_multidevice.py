@@ -12,19 +12,29 @@ import pytest
 WORKER = Path(__file__).with_name("multidevice_worker.py")
 
 
-def _run_worker(devices, out, *extra):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    result = subprocess.run([sys.executable, str(WORKER), str(out), *map(str, extra)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def _start_worker(devices, out, *extra):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags}
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), *map(str, extra)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    # Both workers at once (each compiles on one core most of the time); the 1-device worker restores the
+    # 8-device checkpoint once the 8-device worker has finished.
     root = tmp_path_factory.mktemp("multidevice")
-    eight = _run_worker(8, root / "eight")
-    one = _run_worker(1, root / "one", eight / "run-bn")  # also restores the 8-device checkpoint
+    one, eight = root / "one", root / "eight"
+    workers = [_start_worker(8, eight), _start_worker(1, one, eight / "run-bn")]
+    try:
+        for worker in workers:
+            _, err = worker.communicate(timeout=900)
+            assert worker.returncode == 0, err[-3000:]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
     return one, eight
 
 
