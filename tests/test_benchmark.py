@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from conftest import run_script
+from jaxnorm.cli import run_main
+from test_robust import _load_script
 
 
 def test_benchmark_script_prints_and_writes_every_norm_and_precision(tmp_path):
@@ -18,11 +22,14 @@ def test_benchmark_script_prints_and_writes_every_norm_and_precision(tmp_path):
     assert "| bn | bf16 |" in result.stdout and "| ln | bf16 |" in result.stdout
 
 
-def test_benchmark_refuses_more_timed_steps_than_an_epoch_has():
-    result = run_script("benchmark.py", "--batch-size", "16", "--steps", "5", "--epoch-images", "64",
-                        "--no-torch")
-    assert result.returncode == 2
-    assert "--steps must be in 1..4" in result.stderr.strip().splitlines()[-1]
+def test_benchmark_refuses_more_timed_steps_than_an_epoch_has(capsys):
+    # In process (the script's own main and run_main): a refusal needs no process of its own.
+    benchmark = _load_script("benchmark.py")
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: benchmark.main(["--batch-size", "16", "--steps", "5", "--epoch-images", "64",
+                                         "--no-torch"]))
+    assert info.value.code == 2
+    assert "--steps must be in 1..4" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_gpu_check_measures_both_layer_sets_and_times_a_run(tmp_path):
