@@ -15,7 +15,7 @@ def test_recipe_changes_names_only_what_differs_from_the_datasets_defaults():
     assert recipe_changes(Config(norm="gn", seed=3, train_split=45000, eval_batch_size=500)) == "defaults"
     assert recipe_changes(Config(label_smoothing=0.1, nesterov=False, crop=True)) == \
         "--crop --no-nesterov --label-smoothing 0.1"
-    assert recipe_changes(Config.for_dataset("mnist", dropout=0.0)) == "--dropout 0"
+    assert recipe_changes(Config.for_dataset("mnist", lr=0.1)) == "--lr 0.1"  # 0.05 is MNIST's default
 
 
 def _validation_run(workdir, data, **changes):
