@@ -9,11 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 WORKER = Path(__file__).with_name("multidevice_worker.py")
 
 
 def _start_worker(devices, out, *extra):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    # Optimised code, whatever the suite's level (conftest.TEST_XLA_FLAGS): the comparison's tolerance is
+    # set for the rounding of XLA's optimised code.
+    flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "") if TEST_XLA_FLAGS else \
+        os.environ.get("XLA_FLAGS", "")
+    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "XLA_FLAGS": flags}
     return subprocess.Popen([sys.executable, str(WORKER), str(out), *map(str, extra)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
