@@ -143,6 +143,8 @@ class Config:
     lr_step_epochs: int = knob(10, "multiply the learning rate by --lr-gamma every this many epochs")
     lr_gamma: float = knob(0.1, "the step schedule's factor")
     weight_decay: float = knob(5e-4, "L2 weight decay, added to the gradient as torch.optim.SGD does")
+    decay_scales_and_biases: bool = knob(True, "apply --weight-decay to the norm layers' scales and offsets "
+                                         "and to the conv biases too; off: to the conv kernels only")
     l1: float = knob(0.0, "add LAMBDA * sum |conv kernels| to the loss (any norm); recorded as train_l1",
                      metavar="LAMBDA")
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
@@ -189,9 +191,11 @@ class Config:
         batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
         if lr_scaled_with_batch:
             batch, lr = "batch B", f"lr {self.lr:g} x B / {self.batch_size}"
+        decay = f"weight decay {self.weight_decay:g}"
+        decay += "" if self.decay_scales_and_biases else " (kernels only)"
         parts = [batch, f"{self.epochs} epochs",
                  f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
-                 f"{lr} ({schedule})", f"weight decay {self.weight_decay:g}", f"dropout {self.dropout:g}",
+                 f"{lr} ({schedule})", decay, f"dropout {self.dropout:g}",
                  ", ".join(augment) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
         parts += ["bfloat16 compute"] if self.precision == "bf16" else []

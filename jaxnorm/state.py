@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import optax
 from flax.training import train_state
 
@@ -30,9 +31,16 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
     return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
 
 
+def conv_kernels(params) -> Any:
+    """The weight-decay mask of --no-decay-scales-and-biases: True at the conv kernels only."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel",
+                                            params)
+
+
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     # Weight decay added to the gradient before momentum, as torch.optim.SGD(weight_decay=...).
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+    mask = None if config.decay_scales_and_biases else conv_kernels
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
                                  nesterov=config.nesterov))
 

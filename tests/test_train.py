@@ -130,3 +130,21 @@ def test_step_schedule_is_torch_steplr():
     config = Config(lr=0.1, schedule="step", lr_step_epochs=3, lr_gamma=0.5)
     lr = learning_rate_schedule(config, steps_per_epoch=4)
     assert [float(lr(e * 4)) for e in range(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])
+
+
+@pytest.mark.parametrize("decay_all", [True, False])
+def test_weight_decay_reaches_scales_and_offsets_only_when_asked(decay_all):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxnorm.state import make_optimizer
+    config = Config(norm="gn", weight_decay=0.5, lr=1.0, momentum=0.0, nesterov=False, schedule="step",
+                    decay_scales_and_biases=decay_all)
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "norm": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    tx = make_optimizer(config, steps_per_epoch=1)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    # Zero gradients: the update is -lr * weight_decay * w where decayed, 0 elsewhere.
+    assert np.allclose(updates["conv"]["kernel"], -0.5)
+    for name in ("scale", "bias"):
+        assert np.allclose(updates["norm"][name], -0.5 if decay_all else 0.0)
+    assert ("kernels only" in config.recipe()) is not decay_all
