@@ -1,8 +1,9 @@
 """The figures of a run or a study: a grid of misclassified images, the loss/accuracy curves and the
 batch-size sweep's error against batch size.
 
-Matplotlib is used here only, through `Figure` objects (no pyplot state, no display needed). Titles
-are wrapped to the figure's width (`_wrapped`), so a long name or path is never cut off.
+Matplotlib is used here only, through `Figure` objects (no pyplot state, no display needed), and
+imported on first use: a script that draws nothing (training, a refused command) starts a second
+sooner. Titles are wrapped to the figure's width (`_wrapped`), so a long name or path is never cut off.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+    return Figure(layout="constrained", **kwargs)
 
 
 def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: Sequence[str],
@@ -25,7 +33,7 @@ def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: 
         raise ValueError(f"{len(chosen)} images do not fit a {rows}x{cols} grid")
     # Wide enough for a two-line title even at 2 columns; constrained layout keeps the labels of one
     # row clear of the images above.
-    fig = Figure(figsize=(max(2.2 * cols, 4.6), 2.3 * rows + 0.6), layout="constrained")
+    fig = _figure(figsize=(max(2.2 * cols, 4.6), 2.3 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -55,8 +63,9 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
     """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, the per-epoch
     evaluation (`evaluation_set`: "test" or "validation") solid with filled ones; each label's mean over
     its histories."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = _figure(figsize=(11, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
+    import matplotlib
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, (label, histories) in zip(colors, runs.items(), strict=False):  # fewer runs than colours
         epochs = min(len(h) for h in histories)
@@ -86,7 +95,7 @@ def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path,
     batch on a log2 axis, decreasing to the right; one colour per norm, BatchNorm's running averages
     solid and its batch statistics dashed; mean ± std over the seeds as error bars. The series are
     shifted a little sideways so that error bars at the same batch stay apart."""
-    fig = Figure(figsize=(7.0, 5.2), layout="constrained")
+    fig = _figure(figsize=(7.0, 5.2))
     ax = fig.subplots()
     colors = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
     shifts = np.linspace(-0.06, 0.06, len(series)) if len(series) > 1 else [0.0] * len(series)  # log2 units

@@ -136,8 +136,10 @@ def build_model(config: Config, input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0,
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
-    """Parameters (and `batch_stats` for BatchNorm) for one image of `image_shape` (H, W, C)."""
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    """Parameters (and `batch_stats` for BatchNorm) for one image of `image_shape` (H, W, C). Compiled as
+    one program, as in flax's examples: run op by op, each layer's initialisers compile on their own."""
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32))
 
 
 def count_params(params) -> int:

@@ -3,7 +3,7 @@
     python tests/multidevice_worker.py OUT_DIR [RESTORE_RUN_DIR]
 
 Writes OUT_DIR/step.npz (parameters and batch statistics after one training step, per norm) and a
-short training run per norm in OUT_DIR/run-<norm>. With RESTORE_RUN_DIR, also restores that run's
+short BatchNorm training run in OUT_DIR/run-bn. With RESTORE_RUN_DIR, also restores that run's
 latest checkpoint here and writes its test logits to OUT_DIR/restored_logits.npy: once the worker that
 writes it has finished (its step.npz exists), so that the two workers can run at the same time.
 """
@@ -29,10 +29,11 @@ DATA = synthetic_dataset(64, 32, image_shape=(16, 16, 3))
 
 
 def config(norm):
-    # The seeds' gentler recipe: at lr 0.1 with Nesterov, 8 tiny steps amplify float32 reduction-order
-    # differences between device counts to ~2e-3 in the test loss, beyond the comparison's tolerance.
+    # One epoch (4 steps) of the reference implementations' gentler recipe. BatchNorm over 2 images per
+    # device is chaotic: a second epoch, or lr 0.1 with Nesterov, amplifies float32 reduction-order
+    # differences between device counts to ~2e-3 in the loss, beyond the comparison's tolerance.
     return Config(norm=norm, dataset="synthetic", width=8, transition_width=8, groups=4, batch_size=16,
-                  epochs=2, eval_batch_size=32, lr=0.05, schedule="step", warmup_epochs=0.0, nesterov=False,
+                  epochs=1, eval_batch_size=32, lr=0.05, schedule="step", warmup_epochs=0.0, nesterov=False,
                   dropout=0.05)
 
 
@@ -53,7 +54,10 @@ def main(out_dir, restore_dir=None):
     arrays = {"device_count": np.array(jax.device_count())}
     for norm in NORMS:
         arrays.update(one_step(norm))
-        train_and_evaluate(config(norm), out / f"run-{norm}", dataset=DATA, progress=False)
+    # The whole loop (sharded data and evaluation, metrics, checkpoints) for BatchNorm only: the one norm
+    # whose result depends on how the batch is split (its statistics span the devices); GroupNorm and
+    # LayerNorm are per image, and their step is compared above.
+    train_and_evaluate(config("bn"), out / "run-bn", dataset=DATA, progress=False)
     np.savez(out / "step.npz", **arrays)
     if restore_dir:
         deadline = time.monotonic() + 900

@@ -23,6 +23,7 @@ from test_robust import _metrics, _start, _wait_for_first_checkpoint
 pytestmark = pytest.mark.faults
 
 SAVING = ".orbax-checkpoint-tmp"
+LONGER = ("--epochs", "4")  # test_robust's signal run, twice as long: room for six kills and resumes
 
 
 def _saving(workdir):
@@ -61,7 +62,7 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
     rng = random.Random(int(os.environ.get("JAXNORM_FAULT_SEED", "0")))
     cache, reference, victim = copy_of_cache(tmp_path / "jax-cache"), tmp_path / "reference", \
         tmp_path / "victim"
-    ref = _start(reference, cache)
+    ref = _start(reference, cache, *LONGER)
     _wait_for_first_checkpoint(reference, ref)  # compiled once: later processes read the cache
     tried = []  # the moments at which a SIGKILL landed on a running process
     try:
@@ -69,7 +70,7 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
             if len(tried) == 6:
                 break
             moment = ("save", "random")[attempt % 2]
-            process = _start(victim, cache, *(["--resume"] if attempt else []))
+            process = _start(victim, cache, *LONGER, *(["--resume"] if attempt else []))
             if moment == "save":  # the moment Orbax's temporary folder of an asynchronous save exists
                 landed = _kill_when(process, lambda: _saving(victim))
             else:  # a random moment after the process has taken the run folder
@@ -80,7 +81,7 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
                     checkpoints = RunCheckpoints(victim, read_only=True)
                     if checkpoints.latest_step() is not None:
                         checkpoints.require_latest_step()  # a usable folder each time
-        final = _start(victim, cache, "--resume")
+        final = _start(victim, cache, *LONGER, "--resume")
         out, err = final.communicate(timeout=300)
         assert final.returncode == 0, err
         ref_out, ref_err = ref.communicate(timeout=300)

@@ -99,7 +99,7 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_parameters_and_gradients(no
         def loss(params):
             logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), y]), logits
-        return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])  # one compile, not per op
 
     (_, logits32), grads32 = loss_and_grads(f32)
     (_, logits16), grads16 = loss_and_grads(bf16)

@@ -9,17 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_XLA_FLAGS
-
 WORKER = Path(__file__).with_name("multidevice_worker.py")
 
 
 def _start_worker(devices, out, *extra):
-    # Optimised code, whatever the suite's level (conftest.TEST_XLA_FLAGS): the comparison's tolerance is
-    # set for the rounding of XLA's optimised code.
-    flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "") if TEST_XLA_FLAGS else \
-        os.environ.get("XLA_FLAGS", "")
-    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "XLA_FLAGS": flags}
     return subprocess.Popen([sys.executable, str(WORKER), str(out), *map(str, extra)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -58,13 +52,12 @@ def test_one_step_gives_the_same_parameters_and_batch_stats(runs):
         np.testing.assert_allclose(one[key], eight[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
-def test_a_short_run_has_the_same_metrics(runs, norm):
-    one, eight = (json.loads((r / f"run-{norm}" / "metrics.json").read_text()) for r in runs)
-    assert len(one) == len(eight) == 2
+def test_a_short_batchnorm_run_has_the_same_metrics(runs):
+    one, eight = (json.loads((r / "run-bn" / "metrics.json").read_text()) for r in runs)
+    assert len(one) == len(eight) == 1
     for a, b in zip(one, eight, strict=True):
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (norm, key)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
 
 def test_an_8_device_checkpoint_restores_on_one_device(runs):

@@ -87,12 +87,13 @@ def test_the_accelerator_loop_matches_the_step_loop(tiny_data, tiny_config, monk
     assert start.apply_fn.__self__.layer_set == layer_set
     called, call_losses, call_correct, n = whole_epoch(start, epoch.images, epoch.labels, epoch.order, 0)
     assert n == epoch.steps and int(called.step) == epoch.steps
-    # float32: the same arithmetic, perhaps in another order; bfloat16 keeps 8 bits of each activation.
+    # float32: the same arithmetic, perhaps in another order; bfloat16 keeps 8 bits of each activation
+    # (a kernel entry near 0 ends 1.25e-3 apart, unoptimised as in the suite).
     tight = precision == "f32"
     np.testing.assert_allclose(call_losses, losses, rtol=1e-5 if tight else 1e-2)
     assert abs(int(call_correct) - correct) <= (0 if tight else 1)
     _close((called.params, called.batch_stats), (state.params, state.batch_stats),
-           **({"rtol": 1e-4, "atol": 1e-6} if tight else {"rtol": 5e-2, "atol": 1e-3}))
+           **({"rtol": 1e-4, "atol": 1e-6} if tight else {"rtol": 5e-2, "atol": 2e-3}))
 
 
 def test_the_default_is_one_step_per_call_on_cpu_and_a_value_is_checked():
