@@ -19,7 +19,15 @@ import typing
 from collections.abc import Callable, Iterable
 
 from jaxnorm.checkpoint import CheckpointError
-from jaxnorm.config import DATASET_DEFAULTS, IDENTITY, RECIPE, WIDTH_PRESETS, Config, ConfigError
+from jaxnorm.config import (
+    DATASET_DEFAULTS,
+    IDENTITY,
+    NORM_DEFAULTS,
+    RECIPE,
+    WIDTH_PRESETS,
+    Config,
+    ConfigError,
+)
 from jaxnorm.data import DataError
 from jaxnorm.devices import setup_cpu_devices
 from jaxnorm.runlock import RunLocked
@@ -102,7 +110,8 @@ def _default_text(f: dataclasses.Field) -> str:
     def show(value):
         return ("on" if value else "off") if isinstance(value, bool) else value
 
-    others = "; ".join(f"{show(v[f.name])} for {d}" for d, v in DATASET_DEFAULTS.items() if f.name in v)
+    where = [*DATASET_DEFAULTS.items(), *((f"{d} {n}", v) for (d, n), v in NORM_DEFAULTS.items())]
+    others = "; ".join(f"{show(v[f.name])} for {d}" for d, v in where if f.name in v)
     return f" (default {show(f.default)}" + (f"; {others})" if others else ")")
 
 

@@ -7,7 +7,8 @@ The CIFAR-10 recipe (SGD with Nesterov momentum, lr 0.1 after a 1-epoch warm-up 
 no dropout) was chosen over the reference implementations' (lr 0.05 x0.1 after 10 epochs, dropout
 0.05) on a validation split of the training images: see results/cifar10-jpeg/tuning.md.
 
-The dataset-dependent defaults live in one place, `DATASET_DEFAULTS`, applied by `Config.for_dataset`.
+The dataset-dependent defaults live in one place, `DATASET_DEFAULTS` (and `NORM_DEFAULTS` where one norm's
+recipe differs), applied by `Config.for_dataset`.
 The command-line options of every script are generated from the fields (`jaxnorm.cli`).
 
 `Config` is saved inside every checkpoint, so a run can be rebuilt (model, data, schedule) from its
@@ -34,6 +35,11 @@ PRECISIONS = ("f32", "bf16")
 # central 20x20 of 28x28).
 DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip": False, "crop_padding": 2,
                               "lr": 0.05}}
+
+# Where one norm's recipe differs from its dataset's defaults: (dataset, norm) -> fields, each chosen on a
+# validation split (results/<data>/tuning.md). `python scripts/train.py --norm X` trains with them, the
+# study trains each norm with its own recipe, and its report gives each recipe.
+NORM_DEFAULTS: dict[tuple[str, str], dict] = {}
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"base": (24, 16), "narrow": (16, 16), "wide": (28, 16)}
@@ -164,8 +170,11 @@ class Config:
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides) -> Config:
-        """The defaults for `dataset` (`DATASET_DEFAULTS` over the CIFAR-10 ones), then `overrides`."""
-        return cls(**{"dataset": dataset, **DATASET_DEFAULTS.get(dataset, {}), **overrides})
+        """The defaults for `dataset` and the norm in `overrides` (`DATASET_DEFAULTS` over the CIFAR-10
+        ones, then `NORM_DEFAULTS`), then `overrides`."""
+        norm = overrides.get("norm", cls.__dataclass_fields__["norm"].default)
+        return cls(**{"dataset": dataset, **DATASET_DEFAULTS.get(dataset, {}),
+                      **NORM_DEFAULTS.get((dataset, norm), {}), **overrides})
 
     def layers(self) -> tuple:
         """The layers of the network this config builds (see `jaxnorm.networks`)."""

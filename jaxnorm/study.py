@@ -171,12 +171,20 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
              if split == "validation" else "the plain test images (no test-time augmentation)")
     plural = "s" if len(seeds) > 1 else ""
     skip = " + skip connections" if config.skip else ""  # L1 is named by the recipe
-    lines += [f"{net}{skip}; {config.recipe()}; seed{plural} {', '.join(map(str, seeds))} "
+    # Each norm's recipe (config.NORM_DEFAULTS): one line when they agree, else one per norm.
+    configs = {r["norm"]: Config.from_dict(records[r["norm"]][0]["config"]) for r in rows}
+    recipes = {norm: c.recipe() for norm, c in configs.items()}
+    shared = len(set(recipes.values())) == 1
+    as_trained = {norm: ("augmented" if c.flip or c.crop or c.rotate else "not augmented")
+                  + (", with dropout" if c.dropout else "") for norm, c in configs.items()}
+    as_trained = (next(iter(as_trained.values())) if len(set(as_trained.values())) == 1 else
+                  "; ".join(f"{norm}: {text}" for norm, text in as_trained.items()))
+    lines += [f"{net}{skip}; {config.recipe() if shared else 'each norm with its own recipe (below)'}; "
+              f"seed{plural} {', '.join(map(str, seeds))} "
               f"({len(seeds)} run{plural} per norm). Accuracies of the final checkpoint"
               + (": mean ± sample standard deviation over the seeds" if len(seeds) > 1 else "") + ". Train "
-              "accuracy is measured during each epoch (on the training batches as trained: "
-              f"{'augmented' if config.flip or config.crop else 'not augmented'}"
-              f"{', with dropout' if config.dropout else ''}); {split} accuracy after it, on {where}."
+              f"accuracy is measured during each epoch (on the training batches as trained: {as_trained}); "
+              f"{split} accuracy after it, on {where}."
               + (" *Best validation*: the highest validation accuracy of any epoch (chosen on validation "
                  "images only)." if best else "")
               + (f" *Final {split}, flip-averaged*: the final checkpoint with test-time flip averaging (the "
@@ -188,6 +196,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
               + (f"final {split}, flip-averaged | " if flip_average else "") + "epochs | wall time (s) |",
               "|---|---:|---:|---:|" + ("---:|" if best else "") + ("---:|" if flip_average else "")
               + "---:|---:|"]
+    if not shared:  # before the table, so that it reads as the table's key
+        lines[-2:-2] = [*(f"- {NORM_NAMES[n]} (`{n}`): {recipe}" for n, recipe in recipes.items()), ""]
     for r in rows:
         lines.append(f"| {NORM_NAMES[r['norm']]} (`{r['norm']}`) | {r['num_params']:,} | "
                      f"{format_mean_std(r['final_train'])} | {format_mean_std(r['final_test'])} | "

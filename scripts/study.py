@@ -42,10 +42,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    base = config_from_args(args)
+    # Each norm's config: the options given, over its own defaults (config.NORM_DEFAULTS).
+    configs = {norm: config_from_args(args, norm=norm) for norm in args.norms}
+    base = configs[args.norms[0]]
     variant = ("-skip" if base.skip else "") + (f"-l1_{base.l1:g}" if base.l1 else "")
-    for norm in args.norms:
-        base.replace(norm=norm).validate()
 
     dataset = load_dataset(base.dataset, base.data_dir, train_split=base.train_split)
     name = dataset_name(base.dataset, dataset)
@@ -56,7 +56,7 @@ def main(argv=None):
     records = {}  # norm -> [evaluation record per seed]
     for norm in args.norms:
         for seed in args.seeds:
-            config = base.replace(norm=norm, seed=seed)
+            config = configs[norm].replace(seed=seed)
             workdir = runs_root / f"{norm}{variant}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             # The report is written into the run folder: not while another process trains it.

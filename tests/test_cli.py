@@ -47,6 +47,19 @@ def test_options_map_onto_the_dataset_defaults_and_the_preset():
     assert (narrow.width, narrow.transition_width) == (16, 8)  # an explicit width wins over the preset
 
 
+def test_a_norms_own_defaults_apply_to_that_norm_only_and_a_given_option_wins(monkeypatch):
+    from jaxnorm import config as config_module
+    monkeypatch.setitem(config_module.NORM_DEFAULTS, ("mnist", "ln"), {"rotate": 10.0})
+    assert _config("--dataset", "mnist", "--norm", "ln").rotate == 10.0
+    assert _config("--dataset", "mnist", "--norm", "ln", "--rotate", "0").rotate == 0.0
+    assert _config("--dataset", "mnist", "--norm", "gn").rotate == 0.0  # another norm
+    assert _config("--norm", "ln").rotate == 0.0  # another dataset
+    parser = OneLineParser()
+    add_config_options(parser)
+    help_text = {a.dest: a.help for a in parser._actions}["rotate"]
+    assert "(default 0.0; 10.0 for mnist ln)" in help_text
+
+
 def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
     old = {k: v for k, v in Config().to_dict().items() if k not in ("schedule", "warmup_epochs", "nesterov")}
     restored = Config.from_dict(old)

@@ -239,6 +239,28 @@ def test_study_of_validation_runs_says_validation_and_chooses_best_on_it(tmp_pat
     assert "# Normalisation study (L1 1e-05)" in text and "mean over" not in text  # one seed: no mean
 
 
+def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path):
+    from jaxnorm.data import Dataset
+    from jaxnorm.study import write_study
+    data = Dataset(np.zeros((60000, 2, 2, 1), np.uint8), np.zeros(60000, np.int32),
+                   np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int32), tuple("0123456789"), source="m")
+    history = [{"epoch": 1, "train_accuracy": 0.5, "test_accuracy": 0.6, "train_loss": 1.0, "test_loss": 1.0,
+                "seconds": 2.0}]
+    configs = {"bn": Config.for_dataset("mnist"), "ln": Config.for_dataset("mnist", norm="ln", rotate=10.0)}
+    records = {n: [{"config": c.to_dict(), "num_params": 10224, "history": history,
+                    "train": {"accuracy": 0.5}}] for n, c in configs.items()}
+    text = write_study(records, data, tmp_path, dataset_key="mnist").read_text()
+    assert "each norm with its own recipe (below)" in text
+    assert f"- BatchNorm (`bn`): {configs['bn'].recipe()}\n" in text
+    assert f"- LayerNorm (`ln`): {configs['ln'].recipe()}\n" in text and "rotations up to 10 degrees" in text
+    assert "as trained: bn: not augmented; ln: augmented)" in text
+    assert text.index("- LayerNorm") < text.index("| norm |")  # the key comes before the table
+    # One recipe for all: a single line, no per-norm list.
+    records["ln"][0]["config"] = Config.for_dataset("mnist", norm="ln").to_dict()
+    text = write_study(records, data, tmp_path, dataset_key="mnist").read_text()
+    assert "own recipe" not in text and "- BatchNorm" not in text and configs["bn"].recipe() in text
+
+
 def test_titles_name_the_variant():
     assert network_name(Config(l1=1e-5)) == "BatchNorm + L1 1e-05"
     assert network_name(Config(norm="gn", skip=True)) == "GroupNorm (8 groups) + skip connections"
