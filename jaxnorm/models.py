@@ -149,8 +149,13 @@ def count_params(params) -> int:
 def l1_penalty(params) -> jax.Array:
     """Sum of |w| over every conv kernel (biases and norm scales/offsets excluded)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum((jnp.sum(jnp.abs(w)) for path, w in leaves if getattr(path[-1], "key", None) == "kernel"),
+    return sum((jnp.sum(jnp.abs(w)) for path, w in leaves if is_conv_kernel(path)),
                jnp.zeros((), jnp.float32))
+
+
+def is_conv_kernel(path) -> bool:
+    """Whether a parameter's tree path ends at a conv kernel (not a bias, scale or offset)."""
+    return getattr(path[-1], "key", None) == "kernel"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import optax
 from flax.training import train_state
 
 from jaxnorm.config import Config
-from jaxnorm.models import init_variables
+from jaxnorm.models import init_variables, is_conv_kernel
 
 
 class TrainState(train_state.TrainState):
@@ -33,8 +33,7 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
 
 def conv_kernels(params) -> Any:
     """The weight-decay mask of --no-decay-scales-and-biases: True at the conv kernels only."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel",
-                                            params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_conv_kernel(path), params)
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
