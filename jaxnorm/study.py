@@ -149,13 +149,15 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
         raise CheckpointError("no runs to report")
     suffix = variant  # "", "-skip", "-l1_1e-05", ...: keeps each variant's files apart
     rows = study_rows(records)
-    config = Config.from_dict(records[rows[0]["norm"]][0]["config"])
+    # Each norm's config (its own recipe where config.NORM_DEFAULTS gives one); the first row's names the
+    # data, the split and the variant, which all runs share.
+    configs = {r["norm"]: Config.from_dict(records[r["norm"]][0]["config"]) for r in rows}
+    config = configs[rows[0]["norm"]]
     split = config.evaluation_set  # "test", or "validation" with --train-split
     extras = variant_parts(config)
     seeds = rows[0]["seeds"]
     data = describe_data(dataset_key, dataset)
-    histories = {network_name(Config.from_dict(records[r["norm"]][0]["config"])):
-                 [x["history"] for x in records[r["norm"]]] for r in rows}
+    histories = {network_name(configs[r["norm"]]): [x["history"] for x in records[r["norm"]]] for r in rows}
     plot_curves(histories, out / f"curves{suffix}.png", evaluation_set=split,
                 title=f"{_seeds_text(seeds)} | {data_title(dataset_key, dataset)}"
                       + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
@@ -171,8 +173,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
              if split == "validation" else "the plain test images (no test-time augmentation)")
     plural = "s" if len(seeds) > 1 else ""
     skip = " + skip connections" if config.skip else ""  # L1 is named by the recipe
-    # Each norm's recipe (config.NORM_DEFAULTS): one line when they agree, else one per norm.
-    configs = {r["norm"]: Config.from_dict(records[r["norm"]][0]["config"]) for r in rows}
+    # Each norm's recipe: one line when they agree, else one per norm.
     recipes = {norm: c.recipe() for norm, c in configs.items()}
     shared = len(set(recipes.values())) == 1
     as_trained = {norm: ("augmented" if c.flip or c.crop or c.rotate else "not augmented")
