@@ -9,7 +9,7 @@ sooner. Titles are wrapped to the figure's width (`_wrapped`), so a long name or
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,10 +59,11 @@ def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
 
 
 def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "",
-                evaluation_set: str = "test") -> Figure:
+                evaluation_set: str = "test", smoothed: Collection[str] = ()) -> Figure:
     """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, the per-epoch
     evaluation (`evaluation_set`: "test" or "validation") solid with filled ones; each label's mean over
-    its histories."""
+    its histories. `smoothed`: the labels that trained with label smoothing, whose train loss (the
+    smoothed cross-entropy, above the plain one the evaluation measures) says so."""
     fig = _figure(figsize=(11, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
     import matplotlib
@@ -74,7 +75,8 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
         x = np.arange(1, epochs + 1)
         marker = "o" if epochs <= 20 else None
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
-            for split, name, style, fill in (("train", "train", "--", "none"),
+            train = "train, label-smoothed" if key == "loss" and label in smoothed else "train"
+            for split, name, style, fill in (("train", train, "--", "none"),
                                              ("test", evaluation_set, "-", "full")):
                 y = scale * np.mean([[e[f"{split}_{key}"] for e in h[:epochs]] for h in histories], axis=0)
                 ax.plot(x, y, style, color=color, marker=marker, fillstyle=fill, markersize=5,

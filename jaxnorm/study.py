@@ -159,6 +159,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     data = describe_data(dataset_key, dataset)
     histories = {network_name(configs[r["norm"]]): [x["history"] for x in records[r["norm"]]] for r in rows}
     plot_curves(histories, out / f"curves{suffix}.png", evaluation_set=split,
+                smoothed=[network_name(c) for c in configs.values() if c.label_smoothing],
                 title=f"{_seeds_text(seeds)} | {data_title(dataset_key, dataset)}"
                       + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
     lines = ["# Normalisation study" + (f" ({', '.join(extras)})" if extras else ""), "",

@@ -342,6 +342,11 @@ def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     assert lines["bn train"].get_ydata()[0] == pytest.approx(40.0) and "%" in ax_acc.get_ylabel()
     # One epoch: one point each, so the markers themselves must differ.
     assert lines["bn train"].get_fillstyle() != lines["bn test"].get_fillstyle()
+    # A run trained with label smoothing: its train loss is the smoothed one, and says so.
+    fig = plot_curves({"bn": [history], "gn": [history]}, tmp_path / "s.png", smoothed=["gn"])
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == \
+        ["bn train", "bn test", "gn train, label-smoothed", "gn test"]
+    assert "gn train" in [line.get_label() for line in fig.axes[1].get_lines()]  # accuracy: no smoothing
 
 
 def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):
