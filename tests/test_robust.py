@@ -44,10 +44,15 @@ def straight(tmp_path_factory, tiny_data):
 
 @pytest.fixture(scope="module")
 def one_epoch_run(straight, tiny_data, tmp_path_factory):
-    """A run folder holding the first epoch of `straight` (checkpoint at step 4)."""
+    """A run folder holding the first epoch of `straight` (checkpoint at step 4): the same run, stopped
+    by a SIGTERM in the epoch's last step. (A 1-epoch run is another run: its learning-rate schedule
+    may round its steps' rates differently.)"""
     config, _ = straight
     workdir = tmp_path_factory.mktemp("one_epoch") / "run"
-    train_and_evaluate(config.replace(epochs=1), workdir, dataset=tiny_data, progress=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_at_step(monkeypatch, signal.SIGTERM, at_call=4)
+        with pytest.raises(TrainingInterrupted, match="after epoch 1, step 4"):
+            train_and_evaluate(config, workdir, dataset=tiny_data, progress=False)
     return workdir
 
 
