@@ -79,6 +79,7 @@ RANGES = {
     "l1": (">= 0", lambda value, config: value >= 0),
     # 1 would train towards uniform targets.
     "label_smoothing": ("in [0, 1)", lambda value, config: 0 <= value < 1),
+    "ema_decay": ("in [0, 1)", lambda value, config: 0 <= value < 1),
     "seed": ("in [0, 2**32)", lambda value, config: 0 <= value < 2 ** 32),  # what jax.random.PRNGKey takes
     "eval_batch_size": POSITIVE,
     "steps_per_call": POSITIVE,
@@ -154,6 +155,10 @@ class Config:
     l1: float = knob(0.0, "add LAMBDA * sum |conv kernels| to the loss (any norm); recorded as train_l1",
                      metavar="LAMBDA")
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
+    # The averaged weights are in the checkpoint only when on: a resume cannot switch it.
+    ema_decay: float = knob(0.0, "evaluate an exponential moving average of the weights, updated every step "
+                            "with this decay (e.g. 0.999; 0: off); BatchNorm keeps its running statistics",
+                            role=IDENTITY, metavar="X")
     seed: int = knob(0, "same seed, same result")
     precision: str = knob("f32", "f32, or bf16: convolutions and activations in bfloat16 (parameters, norm "
                           "statistics, loss and updates stay float32)", choices=PRECISIONS)
@@ -207,6 +212,7 @@ class Config:
                  f"{lr} ({schedule})", decay, f"dropout {self.dropout:g}",
                  ", ".join(augment) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
+        parts += [f"weight moving average {self.ema_decay:g} for evaluation"] if self.ema_decay else []
         parts += ["bfloat16 compute"] if self.precision == "bf16" else []
         parts += [f"L1 {self.l1:g}"] if self.l1 else []
         return ", ".join(parts)

@@ -52,7 +52,7 @@ def make_predict(mesh, batch_size: int, *, flip_average: bool = False):
     @functools.partial(jax.jit, out_shardings=rep)
     def logits_of(state, x):
         x = jax.lax.with_sharding_constraint(x, shard)
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = {"params": state.eval_params, "batch_stats": state.batch_stats}
         logits = state.apply_fn(variables, x, train=False)
         if flip_average:
             logits = (logits + state.apply_fn(variables, x[:, :, ::-1], train=False)) / 2

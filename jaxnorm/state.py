@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
@@ -15,6 +16,33 @@ from jaxnorm.models import init_variables, is_conv_kernel
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = None  # BatchNorm running statistics; an empty dict for GN and LN
+
+    @property
+    def eval_params(self) -> Any:
+        """The weights evaluation uses: their moving average with --ema-decay, else the trained ones."""
+        return optax.tree_utils.tree_get(self.opt_state, "ema_params", default=self.params)
+
+
+class WeightAverageState(NamedTuple):
+    count: jax.Array
+    ema_params: Any
+
+
+def weight_average(decay: float) -> optax.GradientTransformation:
+    """Keeps a moving average of the weights in the optimizer state (so checkpoints without one restore
+    unchanged); the updates pass through. The decay starts low, min(decay, (1 + t) / (10 + t)) after t
+    steps, as TensorFlow's ExponentialMovingAverage: the random initial weights are soon forgotten."""
+    def init(params):
+        return WeightAverageState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params):
+        count = state.count + 1
+        step_decay = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+        new_params = optax.apply_updates(params, updates)
+        return updates, WeightAverageState(count, optax.incremental_update(new_params, state.ema_params,
+                                                                           1.0 - step_decay))
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -41,7 +69,8 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
     mask = None if config.decay_scales_and_biases else conv_kernels
     return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
-                                 nesterov=config.nesterov))
+                                 nesterov=config.nesterov),
+                       *([weight_average(config.ema_decay)] if config.ema_decay else []))
 
 
 def create_train_state(model: nn.Module, config: Config, image_shape, steps_per_epoch: int) -> TrainState:

@@ -110,10 +110,10 @@ def batch_stat_logits(model, state, mesh, images: np.ndarray, batch_size: int,
         x = np.zeros((per_call, batch_size, *images.shape[1:]), images.dtype)  # padded with whole dummy
         x[:count] = images[start * batch_size:(start + count) * batch_size].reshape(count, batch_size,
                                                                                     *images.shape[1:])
-        logits = logits_of(state.params, state.batch_stats, jax.device_put(x, rep))  # batches, ignored
+        logits = logits_of(state.eval_params, state.batch_stats, jax.device_put(x, rep))  # batches, ignored
         out.append(np.asarray(logits[:count]).reshape(count * batch_size, -1))
     if rest:
-        out.append(np.asarray(logits_of(state.params, state.batch_stats,
+        out.append(np.asarray(logits_of(state.eval_params, state.batch_stats,
                                         jax.device_put(images[None, full * batch_size:], rep))[0]))
     return np.concatenate(out)
 

@@ -148,3 +148,38 @@ def test_weight_decay_reaches_scales_and_offsets_only_when_asked(decay_all):
     for name in ("scale", "bias"):
         assert np.allclose(updates["norm"][name], -0.5 if decay_all else 0.0)
     assert ("kernels only" in config.recipe()) is not decay_all
+
+
+def test_weight_average_follows_its_recurrence_and_is_what_evaluation_uses(tiny_config, tiny_data):
+    import jax
+
+    config = tiny_config.replace(norm="gn", ema_decay=0.9)
+    run = setup_run(config, tiny_data)
+    state, step = run.state, compiled_train_step(config, run.mesh)
+    expected = jax.device_get(state.params)
+    order = np.arange(64, dtype=np.int32).reshape(4, 16)
+    for t in range(1, 5):
+        state, _ = step(state, run.images, run.labels, order, t - 1)
+        d = min(0.9, (1 + t) / (10 + t))  # after t steps
+        expected = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, expected, jax.device_get(state.params))
+    for got, want in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    logits = make_predict(run.mesh, 32)(state, tiny_data.test_images)
+    for params, same in ((state.eval_params, True), (state.params, False)):
+        direct = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, tiny_data.test_images)
+        assert np.allclose(logits, direct, atol=1e-5) is same
+
+
+def test_resume_with_a_weight_average_is_exact_and_cannot_switch_it(tiny_config, tiny_data, tmp_path):
+    config = tiny_config.replace(epochs=2, schedule="step", ema_decay=0.9)
+    straight = train_and_evaluate(config, tmp_path / "straight", dataset=tiny_data, progress=False)
+    train_and_evaluate(config.replace(epochs=1), tmp_path / "resumed", dataset=tiny_data, progress=False)
+    with pytest.raises(ConfigError, match="ema_decay 0.9 -> 0"):
+        train_and_evaluate(config.replace(ema_decay=0.0), tmp_path / "resumed", resume=True,
+                           dataset=tiny_data, progress=False)
+    resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_data, progress=False)
+    last, resumed_last = straight["history"][-1], resumed["history"][-1]
+    assert resumed_last["test_accuracy"] == last["test_accuracy"]
+    assert resumed_last["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    assert "weight moving average 0.9" in config.recipe()
