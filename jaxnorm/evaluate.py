@@ -283,8 +283,9 @@ def network_name(config: Config) -> str:
 
 def run_title(run: RestoredRun, accuracy: float) -> str:
     """Two short lines (the figures wrap a longer one): the network, then what was measured."""
+    weights = "weight average, " if run.config.ema_decay else ""
     return (f"{network_name(run.config)}\n{run.meta['num_params']:,} parameters | "
-            f"{run.config.evaluation_set} accuracy {accuracy:.2%} (step {run.step})")
+            f"{run.config.evaluation_set} accuracy {accuracy:.2%} ({weights}step {run.step})")
 
 
 def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols: int = 2,
@@ -301,7 +302,8 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
         name = network_name(run.config)
         plot_curves({name: [run.history]}, run.workdir / "curves.png", title=title.replace("\n", " | "),
                     evaluation_set=run.config.evaluation_set,
-                    smoothed=[name] if run.config.label_smoothing else [])
+                    smoothed=[name] if run.config.label_smoothing else [],
+                    averaged=[name] if run.config.ema_decay else [])
     record = {"workdir": str(run.workdir), "step": run.step, "epoch": run.epoch,
               "evaluation_set": run.config.evaluation_set,  # what "test" measures: "test" or "validation"
               "config": run.config.to_dict(), "num_params": run.meta["num_params"],

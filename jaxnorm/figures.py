@@ -59,11 +59,13 @@ def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
 
 
 def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "",
-                evaluation_set: str = "test", smoothed: Collection[str] = ()) -> Figure:
+                evaluation_set: str = "test", smoothed: Collection[str] = (),
+                averaged: Collection[str] = ()) -> Figure:
     """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, the per-epoch
     evaluation (`evaluation_set`: "test" or "validation") solid with filled ones; each label's mean over
     its histories. `smoothed`: the labels that trained with label smoothing, whose train loss (the
-    smoothed cross-entropy, above the plain one the evaluation measures) says so."""
+    smoothed cross-entropy, above the plain one the evaluation measures) says so. `averaged`: the labels
+    evaluated as a moving average of their weights (--ema-decay), whose evaluation curves say so."""
     fig = _figure(figsize=(11, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
     import matplotlib
@@ -76,8 +78,9 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
         marker = "o" if epochs <= 20 else None
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
             train = "train, label-smoothed" if key == "loss" and label in smoothed else "train"
+            evaluation = f"{evaluation_set}, weight average" if label in averaged else evaluation_set
             for split, name, style, fill in (("train", train, "--", "none"),
-                                             ("test", evaluation_set, "-", "full")):
+                                             ("test", evaluation, "-", "full")):
                 y = scale * np.mean([[e[f"{split}_{key}"] for e in h[:epochs]] for h in histories], axis=0)
                 ax.plot(x, y, style, color=color, marker=marker, fillstyle=fill, markersize=5,
                         label=f"{label} {name}")

@@ -347,6 +347,10 @@ def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     assert [line.get_label() for line in fig.axes[0].get_lines()] == \
         ["bn train", "bn test", "gn train, label-smoothed", "gn test"]
     assert "gn train" in [line.get_label() for line in fig.axes[1].get_lines()]  # accuracy: no smoothing
+    # A run evaluated as a moving average of its weights: its evaluation curves say so.
+    fig = plot_curves({"bn": [history], "gn": [history]}, tmp_path / "a.png", averaged=["gn"])
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == \
+        ["bn train", "bn test", "gn train", "gn test, weight average"]
 
 
 def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):

@@ -183,3 +183,5 @@ def test_resume_with_a_weight_average_is_exact_and_cannot_switch_it(tiny_config,
     assert resumed_last["test_accuracy"] == last["test_accuracy"]
     assert resumed_last["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
     assert "weight moving average 0.9" in config.recipe()
+    from jaxnorm.evaluate import restore_run, run_title
+    assert "(weight average, step 8)" in run_title(restore_run(tmp_path / "straight"), 0.5)
