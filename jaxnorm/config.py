@@ -39,7 +39,10 @@ DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip
 # Where one norm's recipe differs from its dataset's defaults: (dataset, norm) -> fields, each chosen on a
 # validation split (results/<data>/tuning.md). `python scripts/train.py --norm X` trains with them, the
 # study trains each norm with its own recipe, and its report gives each recipe.
-NORM_DEFAULTS: dict[tuple[str, str], dict] = {}
+NORM_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("cifar10", "gn"): {"label_smoothing": 0.1},
+    ("cifar10", "ln"): {"label_smoothing": 0.2},
+}
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
 WIDTH_PRESETS = {"base": (24, 16), "narrow": (16, 16), "wide": (28, 16)}

@@ -2,8 +2,9 @@
 
     python scripts/sweep.py --data-dir /path/to/cifar-10-binary.tar.gz --epochs 10 --seeds 0 1
 
-The recipe is the base config's (the default one unless options change it) at every batch B, with the
-learning rate scaled linearly, lr x B / (the base batch, 128 by default): the rule of the GroupNorm
+The recipe is the base config's (the default one unless options change it) for every norm, at every
+batch B (a norm's own recipe, `config.NORM_DEFAULTS`, does not apply: the norms are compared under one
+recipe), with the learning rate scaled linearly, lr x B / (the base batch, 128 by default): the rule of the GroupNorm
 paper (Wu & He 2018, after Goyal et al. 2017). Every batch trains the same number of epochs, so every
 run sees the same images; the warm-up is counted in epochs too (`jaxnorm.state`), so it is the same
 share of training at every batch. The report states the recipe from the config itself

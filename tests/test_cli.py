@@ -60,6 +60,17 @@ def test_a_norms_own_defaults_apply_to_that_norm_only_and_a_given_option_wins(mo
     assert "(default 0.0; 10.0 for mnist ln)" in help_text
 
 
+def test_the_cifar10_norms_take_their_chosen_recipe_and_the_sweep_compares_them_under_one():
+    from jaxnorm.config import NORM_DEFAULTS
+    from jaxnorm.sweep import sweep_config
+    for norm in ("bn", "gn", "ln"):
+        own = NORM_DEFAULTS.get(("cifar10", norm), {})
+        config = _config("--norm", norm)
+        assert all(getattr(config, name) == value for name, value in own.items())
+        swept = sweep_config(_config(), norm, batch_size=128, seed=0)
+        assert swept == Config(norm=norm)  # the sweep's recipe: the dataset's, whatever the norm
+
+
 def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
     old = {k: v for k, v in Config().to_dict().items() if k not in ("schedule", "warmup_epochs", "nesterov")}
     restored = Config.from_dict(old)
