@@ -4,10 +4,10 @@
 
 The recipe is the base config's (the default one unless options change it) for every norm, at every
 batch B (a norm's own recipe, `config.NORM_DEFAULTS`, does not apply: the norms are compared under one
-recipe), with the learning rate scaled linearly, lr x B / (the base batch, 128 by default): the rule of the GroupNorm
-paper (Wu & He 2018, after Goyal et al. 2017). Every batch trains the same number of epochs, so every
-run sees the same images; the warm-up is counted in epochs too (`jaxnorm.state`), so it is the same
-share of training at every batch. The report states the recipe from the config itself
+recipe), with the learning rate scaled linearly, lr x B / (the base batch, 128 by default): the rule of
+the GroupNorm paper (Wu & He 2018, after Goyal et al. 2017). Every batch trains the same number of
+epochs, so every run sees the same images; the warm-up is counted in epochs too (`jaxnorm.state`), so it
+is the same share of training at every batch. The report states the recipe from the config itself
 (`Config.recipe(lr_scaled_with_batch=True)`).
 
 The confound: at equal epochs a batch of 2 takes 64 times as many steps as a batch of 128. The
