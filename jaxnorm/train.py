@@ -338,6 +338,7 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
     print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
           f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s) "
           f"| layers: {model.layer_description}")
+    print(f"recipe: {config.recipe()}")  # a norm may have its own (config.NORM_DEFAULTS)
     meta = {"config": config.to_dict(), "input_mean": setup.input_mean, "input_std": setup.input_std,
             "num_params": num_params, "class_names": list(dataset.class_names),
             "image_shape": list(dataset.image_shape), "data_source": dataset.source,

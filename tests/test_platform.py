@@ -122,7 +122,9 @@ def test_a_run_trained_with_the_cpu_layers_evaluates_with_flaxs(host, tiny_data,
     host.setenv("JAXNORM_LAYERS", "cpu")
     config = tiny_config.replace(norm="gn", epochs=1)
     history = train_and_evaluate(config, tmp_path / "run", dataset=tiny_data, progress=False)["history"]
-    assert f"| layers: {CPU_TUNED}" in capsys.readouterr().out  # the run's first lines say which
+    out = capsys.readouterr().out
+    assert f"| layers: {CPU_TUNED}" in out  # the run's first lines say which
+    assert f"\nrecipe: {config.recipe()}\n" in out  # and how it trains
     host.setenv("JAXNORM_LAYERS", "flax")
     run = restore_run(tmp_path / "run")  # the final checkpoint
     assert run.model.layer_set == "flax"
