@@ -299,11 +299,8 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
     misclassified_grid(dataset.test_images, chosen, dataset.class_names, run.workdir / "misclassified.png",
                        rows=rows, cols=cols, title=title)
     if run.history:
-        name = network_name(run.config)
-        plot_curves({name: [run.history]}, run.workdir / "curves.png", title=title.replace("\n", " | "),
-                    evaluation_set=run.config.evaluation_set,
-                    smoothed=[name] if run.config.label_smoothing else [],
-                    averaged=[name] if run.config.ema_decay else [])
+        plot_curves({network_name(run.config): (run.config, [run.history])}, run.workdir / "curves.png",
+                    title=title.replace("\n", " | "), evaluation_set=run.config.evaluation_set)
     record = {"workdir": str(run.workdir), "step": run.step, "epoch": run.epoch,
               "evaluation_set": run.config.evaluation_set,  # what "test" measures: "test" or "validation"
               "config": run.config.to_dict(), "num_params": run.meta["num_params"],

@@ -9,7 +9,7 @@ sooner. Titles are wrapped to the figure's width (`_wrapped`), so a long name or
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,12 @@ import numpy as np
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from jaxnorm.config import Config
+
+# One colour per norm in every figure, so that a norm looks the same in the curves and in the sweep.
+NORM_COLORS = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
+_MORE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def _figure(**kwargs) -> Figure:
@@ -58,27 +64,30 @@ def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
     return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
 
 
-def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str = "",
-                evaluation_set: str = "test", smoothed: Collection[str] = (),
-                averaged: Collection[str] = ()) -> Figure:
+def plot_curves(runs: Mapping[str, tuple[Config, Sequence[list[dict]]]], path: str | Path, title: str = "",
+                evaluation_set: str = "test") -> Figure:
     """Save (and return) loss and accuracy (%) per epoch, train dashed with open markers, the per-epoch
     evaluation (`evaluation_set`: "test" or "validation") solid with filled ones; each label's mean over
-    its histories. `smoothed`: the labels that trained with label smoothing, whose train loss (the
-    smoothed cross-entropy, above the plain one the evaluation measures) says so. `averaged`: the labels
-    evaluated as a moving average of their weights (--ema-decay), whose evaluation curves say so."""
+    its histories. `runs`: label -> (config, histories). The config gives the colour (its norm's) and
+    the wording: a run trained with label smoothing has a train loss (the smoothed cross-entropy, above
+    the plain one the evaluation measures) that says so; a run evaluated as a moving average of its
+    weights (--ema-decay) has evaluation curves that say so."""
     fig = _figure(figsize=(11, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    import matplotlib
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for color, (label, histories) in zip(colors, runs.items(), strict=False):  # fewer runs than colours
+    spare = iter(_MORE_COLORS)
+    used = set()
+    for label, (config, histories) in runs.items():
+        color = NORM_COLORS[config.norm]
+        color = next(spare) if color in used else color  # two variants of one norm in one figure
+        used.add(color)
         epochs = min(len(h) for h in histories)
         if epochs == 0:
             continue
         x = np.arange(1, epochs + 1)
         marker = "o" if epochs <= 20 else None
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
-            train = "train, label-smoothed" if key == "loss" and label in smoothed else "train"
-            evaluation = f"{evaluation_set}, weight average" if label in averaged else evaluation_set
+            train = "train, label-smoothed" if key == "loss" and config.label_smoothing else "train"
+            evaluation = f"{evaluation_set}, weight average" if config.ema_decay else evaluation_set
             for split, name, style, fill in (("train", train, "--", "none"),
                                              ("test", evaluation, "-", "full")):
                 y = scale * np.mean([[e[f"{split}_{key}"] for e in h[:epochs]] for h in histories], axis=0)
@@ -102,12 +111,11 @@ def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path,
     shifted a little sideways so that error bars at the same batch stay apart."""
     fig = _figure(figsize=(7.0, 5.2))
     ax = fig.subplots()
-    colors = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
     shifts = np.linspace(-0.06, 0.06, len(series)) if len(series) > 1 else [0.0] * len(series)  # log2 units
     for line, shift in zip(series, shifts, strict=True):
         x = np.asarray(line["batch_sizes"], float) * 2.0 ** shift
         ax.errorbar(x, line["mean"], yerr=line["std"], fmt="s--" if line["batch_stats"] else "o-",
-                    color=colors.get(line["norm"]), mfc="white" if line["batch_stats"] else None,
+                    color=NORM_COLORS[line["norm"]], mfc="white" if line["batch_stats"] else None,
                     capsize=4, elinewidth=1, markersize=6, label=line["label"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])

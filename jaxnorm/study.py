@@ -158,10 +158,9 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     seeds = rows[0]["seeds"]
     data = describe_data(dataset_key, dataset)
     names = {norm: network_name(c) for norm, c in configs.items()}
-    histories = {names[r["norm"]]: [x["history"] for x in records[r["norm"]]] for r in rows}
-    plot_curves(histories, out / f"curves{suffix}.png", evaluation_set=split,
-                smoothed=[names[norm] for norm, c in configs.items() if c.label_smoothing],
-                averaged=[names[norm] for norm, c in configs.items() if c.ema_decay],
+    curves = {names[r["norm"]]: (configs[r["norm"]], [x["history"] for x in records[r["norm"]]])
+              for r in rows}
+    plot_curves(curves, out / f"curves{suffix}.png", evaluation_set=split,
                 title=f"{_seeds_text(seeds)} | {data_title(dataset_key, dataset)}"
                       + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
     lines = ["# Normalisation study" + (f" ({', '.join(extras)})" if extras else ""), "",

@@ -336,27 +336,48 @@ def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path)
 
 def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
-    fig = plot_curves({"bn": [history]}, tmp_path / "c.png")
+    bn, gn = Config(norm="bn"), Config(norm="gn")
+    fig = plot_curves({"bn": (bn, [history])}, tmp_path / "c.png")
     ax_acc = fig.axes[1]
     lines = {line.get_label(): line for line in ax_acc.get_lines()}
     assert lines["bn train"].get_ydata()[0] == pytest.approx(40.0) and "%" in ax_acc.get_ylabel()
     # One epoch: one point each, so the markers themselves must differ.
     assert lines["bn train"].get_fillstyle() != lines["bn test"].get_fillstyle()
     # A run trained with label smoothing: its train loss is the smoothed one, and says so.
-    fig = plot_curves({"bn": [history], "gn": [history]}, tmp_path / "s.png", smoothed=["gn"])
+    smoothed = dataclasses.replace(gn, label_smoothing=0.1)
+    fig = plot_curves({"bn": (bn, [history]), "gn": (smoothed, [history])}, tmp_path / "s.png")
     assert [line.get_label() for line in fig.axes[0].get_lines()] == \
         ["bn train", "bn test", "gn train, label-smoothed", "gn test"]
     assert "gn train" in [line.get_label() for line in fig.axes[1].get_lines()]  # accuracy: no smoothing
     # A run evaluated as a moving average of its weights: its evaluation curves say so.
-    fig = plot_curves({"bn": [history], "gn": [history]}, tmp_path / "a.png", averaged=["gn"])
+    averaged = dataclasses.replace(gn, ema_decay=0.999)
+    fig = plot_curves({"bn": (bn, [history]), "gn": (averaged, [history])}, tmp_path / "a.png")
     assert [line.get_label() for line in fig.axes[1].get_lines()] == \
         ["bn train", "bn test", "gn train", "gn test, weight average"]
+
+
+def test_curves_colour_each_norm_the_same_whatever_the_order(tmp_path):
+    history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
+    runs = {n: (Config(norm=n), [history]) for n in ("bn", "gn", "ln")}
+
+    def colours(fig):
+        return {line.get_label().split()[0]: line.get_color() for line in fig.axes[0].get_lines()}
+
+    all_three = colours(plot_curves(runs, tmp_path / "a.png"))
+    assert len(set(all_three.values())) == 3
+    # Without GroupNorm, LayerNorm keeps its colour (by position it would take GroupNorm's).
+    bn_ln = colours(plot_curves({n: runs[n] for n in ("bn", "ln")}, tmp_path / "b.png"))
+    assert bn_ln["ln"] == all_three["ln"]
+    # Two variants of one norm in one figure still get two colours.
+    twins = {"bn": runs["bn"], "bn+skip": (Config(norm="bn", skip=True), [history])}
+    assert len(set(colours(plot_curves(twins, tmp_path / "c.png")).values())) == 2
 
 
 def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):
     history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
     title = "seed 0 | " + "/very/long/path/to/the/shared/data" * 6 + "/cifar-10-binary.tar.gz"
-    fig = plot_curves({"bn": [history]}, tmp_path / "c.png", title=title, evaluation_set="validation")
+    fig = plot_curves({"bn": (Config(norm="bn"), [history])}, tmp_path / "c.png", title=title,
+                      evaluation_set="validation")
     renderer = FigureCanvasAgg(fig).get_renderer()
     box = fig._suptitle.get_window_extent(renderer)
     assert box.x0 >= 0 and box.x1 <= fig.get_figwidth() * fig.dpi
