@@ -229,7 +229,8 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     sizes = sorted({r["batch_size"] for r in records})
     seeds = sorted({r["seed"] for r in records})
     epochs = "/".join(map(str, sorted({r["epochs"] for r in records})))
-    seed_text = f"mean ± std over seeds {_joined(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    seeds_named = f"seeds {_joined(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    seed_text = f"mean ± std over {seeds_named}" if len(seeds) > 1 else seeds_named
     epoch_text = f"{epochs} epoch{'s' if epochs != '1' else ''}"
     plot_sweep(sweep_series(records), sizes, out / "batch-sweep.png",
                title=f"{label or data}: {epoch_text} at every batch\n{seed_text}")
@@ -241,8 +242,8 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
         lines += ["Produced by:", "", "```bash", command, "```", ""]
     lines += [f"CNN (width {base.width}/{base.transition_width}); {recipe} (the learning rate scaled "
               "linearly with the batch B, the GroupNorm paper's rule; the warm-up counted in epochs, so it "
-              f"is the same share of training at every batch); seeds {_joined(seeds)}. Final test accuracy, "
-              "mean ± sample standard deviation over the seeds.", "",
+              f"is the same share of training at every batch); {seeds_named}. Final test accuracy"
+              + (", mean ± sample standard deviation over the seeds." if len(seeds) > 1 else "."), "",
               "*BatchNorm, running averages* is the usual evaluation (`train=False`, as in the paper and "
               "every other table here); *BatchNorm, batch statistics* normalises each test batch of the "
               "training batch size with its own mean and variance, as the network did while it trained. "

@@ -73,6 +73,7 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     assert text.index("BatchNorm, running averages") < text.index("BatchNorm, batch statistics")
     assert base.replace(epochs=1).recipe(lr_scaled_with_batch=True) in text  # the recipe from the config
     assert "4 times as many steps as batch 16" in text and "best" not in text.lower()
+    assert "; seed 0. Final test accuracy." in text and "over the seeds" not in text  # one seed: no mean
     assert (out / "batch-sweep.png").stat().st_size > 10_000
     assert len(json.loads((out / "batch-sweep.json").read_text())["runs"]) == 4
 
