@@ -202,7 +202,10 @@ def test_readers_fall_back_past_a_bad_latest_checkpoint_and_resume_continues(
                                  progress=False)
     reference = train_and_evaluate(CONFIG.replace(epochs=3), run_copy.parent / "straight", dataset=tiny_data,
                                    progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    # The same steps, and the same losses up to float32 rounding (a restored state's first compiled
+    # call may sum in another order).
+    got, want = without_timing(resumed["history"]), without_timing(reference["history"])
+    assert got == [pytest.approx(w, rel=1e-6) for w in want]
     assert (run_copy / "unreadable" / "8" / "state").is_dir()
 
 
