@@ -104,7 +104,8 @@ def plot_curves(runs: Mapping[str, tuple[Config, Sequence[list[dict]]]], path: s
     return fig
 
 
-def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path, title: str = "") -> Figure:
+def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path, title: str = "",
+               legend_title: str | None = "mean ± std over seeds") -> Figure:
     """Test error (%) against batch size (`jaxnorm.sweep.sweep_series`) in the GroupNorm paper's layout:
     batch on a log2 axis, decreasing to the right; one colour per norm, BatchNorm's running averages
     solid and its batch statistics dashed; mean ± std over the seeds as error bars. The series are
@@ -124,7 +125,7 @@ def plot_sweep(series: list[dict], batch_sizes: Sequence[int], path: str | Path,
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, title="mean ± std over seeds", title_fontsize=8)
+    ax.legend(fontsize=9, title=legend_title, title_fontsize=8)
     ax.set_title(_wrapped(title, fig, 10), fontsize=10)
     fig.savefig(path, dpi=110)
     return fig

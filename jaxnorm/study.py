@@ -132,9 +132,14 @@ def study_rows(records: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def seeds_named(seeds: Sequence[int]) -> str:
+    """"seed 0" or "seeds 0, 1, 2"."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+
+
 def _seeds_text(seeds: Sequence[int]) -> str:
     """"seed 0" or "mean over seeds 0, 1, 2": a single run is not called a mean."""
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"
+    return seeds_named(seeds) if len(seeds) == 1 else f"mean over {seeds_named(seeds)}"
 
 
 def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, dataset_key: str,

@@ -43,7 +43,7 @@ from jaxnorm.data import Dataset
 from jaxnorm.evaluate import reading_checkpoints, restore_run
 from jaxnorm.figures import plot_sweep
 from jaxnorm.runlock import RunLock
-from jaxnorm.study import format_mean_std, mean_std, train_or_reuse
+from jaxnorm.study import format_mean_std, mean_std, seeds_named, train_or_reuse
 from jaxnorm.train import compiled_train_calls, make_epoch_order, seconds_per_step, setup_run
 from jaxnorm.utils import read_history, write_json
 
@@ -214,10 +214,6 @@ def _table(records: list[dict], first_columns: dict) -> list[str]:
     return lines
 
 
-def _joined(values) -> str:
-    return ", ".join(map(str, values))
-
-
 def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: str | None = None,
                 label: str | None = None, fixed_steps_records: Sequence[dict] = ()) -> Path:
     """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records (and the
@@ -229,11 +225,12 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     sizes = sorted({r["batch_size"] for r in records})
     seeds = sorted({r["seed"] for r in records})
     epochs = "/".join(map(str, sorted({r["epochs"] for r in records})))
-    seeds_named = f"seeds {_joined(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    seed_text = f"mean ± std over {seeds_named}" if len(seeds) > 1 else seeds_named
+    several = len(seeds) > 1  # one seed: no mean, no error bars to explain
     epoch_text = f"{epochs} epoch{'s' if epochs != '1' else ''}"
     plot_sweep(sweep_series(records), sizes, out / "batch-sweep.png",
-               title=f"{label or data}: {epoch_text} at every batch\n{seed_text}")
+               title=f"{label or data}: {epoch_text} at every batch\n"
+                     + (f"mean ± std over {seeds_named(seeds)}" if several else seeds_named(seeds)),
+               legend_title="mean ± std over seeds" if several else None)
     recipe = base.replace(epochs=records[0]["epochs"]).recipe(lr_scaled_with_batch=True)
     smallest, largest = sizes[0], sizes[-1]
 
@@ -242,8 +239,8 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
         lines += ["Produced by:", "", "```bash", command, "```", ""]
     lines += [f"CNN (width {base.width}/{base.transition_width}); {recipe} (the learning rate scaled "
               "linearly with the batch B, the GroupNorm paper's rule; the warm-up counted in epochs, so it "
-              f"is the same share of training at every batch); {seeds_named}. Final test accuracy"
-              + (", mean ± sample standard deviation over the seeds." if len(seeds) > 1 else "."), "",
+              f"is the same share of training at every batch); {seeds_named(seeds)}. Final test accuracy"
+              + (", mean ± sample standard deviation over the seeds." if several else "."), "",
               "*BatchNorm, running averages* is the usual evaluation (`train=False`, as in the paper and "
               "every other table here); *BatchNorm, batch statistics* normalises each test batch of the "
               "training batch size with its own mean and variance, as the network did while it trained. "

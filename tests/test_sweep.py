@@ -67,7 +67,11 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     for r in records:  # each run trained at its own scaled learning rate
         assert r["lr"] == pytest.approx(0.2 * r["batch_size"] / 128)
         assert ("final_test_batch_stats" in r) == (r["norm"] == "bn")
+    import jaxnorm.sweep
+    drawn = []
+    monkeypatch.setattr(jaxnorm.sweep, "plot_sweep", lambda *a, **k: drawn.append(plot_sweep(*a, **k)))
     path = write_sweep(records, out, data="synthetic", base=base, command="python scripts/sweep.py ...")
+    assert drawn[0].axes[0].get_legend().get_title().get_text() == ""  # one seed: no "mean ± std" legend
     text = path.read_text()
     assert "| 4 | 0.00625 | 16 |" in text and "GroupNorm" in text  # batch, lr, steps per epoch
     assert text.index("BatchNorm, running averages") < text.index("BatchNorm, batch statistics")
@@ -79,7 +83,6 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
 
     # A second call reuses every run: no training, no re-evaluation, the same numbers.
     import jaxnorm.study
-    import jaxnorm.sweep
 
     def refuse(*args, **kwargs):
         raise AssertionError("retrained or re-evaluated a finished run")
@@ -108,6 +111,7 @@ def test_sweep_figure_reads_as_the_papers(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.xaxis_inverted()  # batch decreasing to the right
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_legend().get_title().get_text() == "mean ± std over seeds"
     assert labels == ["BatchNorm, running averages", "BatchNorm, batch statistics", "GroupNorm"]
     styles = [c.lines[0].get_linestyle() for c in ax.containers]  # one errorbar container per series
     colors = [c.lines[0].get_color() for c in ax.containers]
