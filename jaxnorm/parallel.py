@@ -60,6 +60,14 @@ def make_mesh(batch_size: int | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
+def describe_devices(mesh) -> str:
+    """The devices a run trains on, for its first line and its metrics.json: '2 x cpu, 2 cores',
+    '1 x NVIDIA H200', '8 x TPU v5 lite'."""
+    device = mesh.devices.flat[0]
+    cores = f", {os.cpu_count()} cores" if device.platform == "cpu" else ""
+    return f"{mesh.devices.size} x {device.device_kind}{cores}"
+
+
 def devices_for_batch(batch_size: int) -> int:
     """How many devices a global batch of `batch_size` is split over.
 

@@ -25,6 +25,7 @@ unfinished one resumed, and a finished run keeps only its final checkpoint (smal
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -176,7 +177,11 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
         record = {"norm": config.norm, "batch_size": config.batch_size, "seed": config.seed, "lr": config.lr,
                   "epochs": len(history), "steps": history[-1]["step"], "workdir": str(workdir),
                   "final_test": history[-1]["test_accuracy"],
-                  "seconds": sum(e["seconds"] for e in history)}
+                  "seconds": sum(e["seconds"] for e in history),
+                  # The median epoch's speed; the first epoch, which compiles, counts only in a 1-epoch run.
+                  "images_per_second": statistics.median(e["images_per_second"]
+                                                         for e in history[1:] or history),
+                  "devices": ", ".join(sorted({e.get("devices", "an unrecorded machine") for e in history}))}
         if config.norm == "bn":
             with_batch_stats = batch_stat_accuracy(workdir, dataset, config.batch_size)
             record["final_test_batch_stats"] = with_batch_stats["accuracy"]
@@ -212,6 +217,29 @@ def _table(records: list[dict], first_columns: dict) -> list[str]:
                   for _, norm, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _speed_section(records: list[dict], several_seeds: bool) -> list[str]:
+    """The budget, as the runs measured it: images/s per norm and batch, a run's minutes, the total."""
+    norms = list(dict.fromkeys(r["norm"] for r in records))
+    machines = collections.Counter(r["devices"] for r in records)
+    hours = sum(r["seconds"] for r in records) / 3600
+    lines = ["## Training speed", "",
+             "As the runs measured it, one run at a time on "
+             + "; ".join(f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in machines.items())
+             + ": training images per second in a run's median epoch (the first epoch, which compiles, left "
+             "out), and a run's training time (compilation included, the per-epoch test evaluation not)"
+             + (", means over the seeds" if several_seeds else "")
+             + f". The whole sweep: {len(records)} runs, {hours:.1f} hours of training.", "",
+             "| batch | " + " | ".join(f"{norm} images/s" for norm in norms) + " | "
+             + " | ".join(f"{norm} minutes" for norm in norms) + " |",
+             "|" + "---:|" * (1 + 2 * len(norms))]
+    for b in sorted({r["batch_size"] for r in records}):
+        speeds = [_values(records, norm, b, "images_per_second") for norm in norms]
+        minutes = [[s / 60 for s in _values(records, norm, b, "seconds")] for norm in norms]
+        lines.append(f"| {b} | " + " | ".join(f"{statistics.mean(v):,.0f}" if v else "-" for v in speeds)
+                     + " | " + " | ".join(f"{statistics.mean(v):.1f}" if v else "-" for v in minutes) + " |")
+    return lines + [""]
 
 
 def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: str | None = None,
@@ -253,10 +281,7 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     num_train = {r["batch_size"]: r["steps"] // r["epochs"] for r in records}
     lines += _table(records, {"batch": str, "lr": lambda b: f"{scaled_lr(base.lr, b, base.batch_size):.4g}",
                               "steps per epoch": lambda b: f"{num_train[b]:,}"})
-    lines += ["", "Training time per run (s, mean over seeds and norms; compilation included, the per-epoch "
-              "test evaluation not): " + ", ".join(
-                  f"batch {b} {statistics.mean(r['seconds'] for r in records if r['batch_size'] == b):.0f}"
-                  for b in sizes) + ".", ""]
+    lines += ["", *_speed_section(records, several)]
     if fixed_steps_records:
         steps = {r["batch_size"]: r["steps"] for r in fixed_steps_records}
         runs_epochs = {r["batch_size"]: r["epochs"] for r in fixed_steps_records}

@@ -295,6 +295,7 @@ class _Run:
     epoch_order: Callable
     predict: Callable
     schedule: optax.Schedule
+    devices: str  # parallel.describe_devices: recorded with each epoch
 
 
 def _existing_run(checkpoints: RunCheckpoints, config: Config, resume: bool) -> int | None:
@@ -336,7 +337,7 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
         where = f" + {len(partial['losses'])}/{steps_per_epoch} steps" if partial else ""
         print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)}{where})")
     print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
-          f"images from {dataset.source} | {mesh.devices.size} x {jax.devices()[0].platform} device(s) "
+          f"images from {dataset.source} | {parallel.describe_devices(mesh)} "
           f"| layers: {model.layer_description}")
     print(f"recipe: {config.recipe()}")  # a norm may have its own (config.NORM_DEFAULTS)
     meta = {"config": config.to_dict(), "input_mean": setup.input_mean, "input_std": setup.input_std,
@@ -349,7 +350,8 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
                 train_calls=compiled_train_calls(config, mesh, per_call), steps_per_call=per_call,
                 epoch_order=make_epoch_order(config, mesh, num_train),
                 predict=make_predict(mesh, config.eval_batch_size),
-                schedule=learning_rate_schedule(config, steps_per_epoch))
+                schedule=learning_rate_schedule(config, steps_per_epoch),
+                devices=parallel.describe_devices(mesh))
 
 
 def _train_epoch(run: _Run, epoch: int, stop: stop_requests, progress: bool) -> None:
@@ -393,7 +395,8 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_requests, progress: bool) -> 
               "train_accuracy": int(np.sum(jax.device_get(corrects))) / (steps * config.batch_size),
               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
               "seconds": seconds,
-              "images_per_second": (steps - first) * config.batch_size / seconds}
+              "images_per_second": (steps - first) * config.batch_size / seconds,
+              "devices": run.devices}
     run.history.append(record)
     run.checkpoints.save(int(run.state.step), run.state, {**run.meta, "history": run.history},
                          metrics={"test_accuracy": record["test_accuracy"]})

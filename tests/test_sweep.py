@@ -78,6 +78,11 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     assert base.replace(epochs=1).recipe(lr_scaled_with_batch=True) in text  # the recipe from the config
     assert "4 times as many steps as batch 16" in text and "best" not in text.lower()
     assert "; seed 0. Final test accuracy." in text and "over the seeds" not in text  # one seed: no mean
+    # The budget as the runs measured it, on the devices they name.
+    speed = text[text.index("## Training speed"):]
+    assert f"one run at a time on {parallel.describe_devices(parallel.make_mesh(16))} (" in speed
+    assert "| batch | bn images/s | gn images/s | bn minutes | gn minutes |" in speed
+    assert f"{len(records)} runs, " in speed and len(speed.strip().splitlines()) == 8  # 2 rows
     assert (out / "batch-sweep.png").stat().st_size > 10_000
     assert len(json.loads((out / "batch-sweep.json").read_text())["runs"]) == 4
 
@@ -95,7 +100,8 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
                         lambda config, workdir, **kw: trained.append(workdir))
     monkeypatch.setattr(jaxnorm.sweep, "keep_final_checkpoint_only", lambda workdir: None)
     monkeypatch.setattr(jaxnorm.sweep, "read_history", lambda workdir: [{"step": 1, "test_accuracy": 0.5,
-                                                                         "seconds": 1.0}])
+                                                                         "seconds": 1.0,
+                                                                         "images_per_second": 9.0}])
     monkeypatch.setattr(jaxnorm.sweep, "batch_stat_accuracy", lambda *a: {"accuracy": 0.5})
     run_sweep(base, sweep_data, **{**kwargs, "seeds": [0, 1]})
     run_sweep(base.replace(epochs=2), sweep_data, **{**kwargs, "norms": ["gn"], "batch_sizes": [16]})
