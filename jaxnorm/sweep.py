@@ -44,7 +44,7 @@ from jaxnorm.data import Dataset
 from jaxnorm.evaluate import reading_checkpoints, restore_run
 from jaxnorm.figures import plot_sweep
 from jaxnorm.runlock import RunLock
-from jaxnorm.study import format_mean_std, mean_std, seeds_named, train_or_reuse
+from jaxnorm.study import finished_epochs, format_mean_std, mean_std, seeds_named, train_or_reuse
 from jaxnorm.train import compiled_train_calls, make_epoch_order, seconds_per_step, setup_run
 from jaxnorm.utils import read_history, write_json
 
@@ -155,8 +155,9 @@ def keep_final_checkpoint_only(workdir: Path) -> None:
 
 def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_sizes: Sequence[int],
               seeds: Sequence[int], runs_root: Path, fixed_steps: int | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, train: bool = True) -> list[dict]:
     """Train (or reuse, or resume) every norm x batch x seed; one record per run with its test accuracies.
+    With train=False, only the finished runs, and nothing trains.
 
     Every batch trains `base.epochs` epochs, or with `fixed_steps` the whole epochs closest to that many
     steps. `base.lr` belongs to `base.batch_size`; each run gets it scaled to its batch.
@@ -171,6 +172,9 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
     records = []
     for config in configs:
         workdir = run_folder(runs_root, config)
+        if not train and finished_epochs(workdir, config) < config.epochs:
+            print(f"{workdir}: not finished, left out")
+            continue
         train_or_reuse(config, workdir, dataset, progress=progress)
         keep_final_checkpoint_only(workdir)
         history = read_history(workdir)[:config.epochs]
@@ -243,7 +247,8 @@ def _speed_section(records: list[dict], several_seeds: bool) -> list[str]:
 
 
 def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, command: str | None = None,
-                label: str | None = None, fixed_steps_records: Sequence[dict] = ()) -> Path:
+                label: str | None = None, fixed_steps_records: Sequence[dict] = (),
+                missing: Sequence[str] = ()) -> Path:
     """Write <out>/batch-sweep.md, batch-sweep.png and batch-sweep.json from the sweep's records (and the
     fixed-steps view's, if any).
 
@@ -269,6 +274,8 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
               "linearly with the batch B, the GroupNorm paper's rule; the warm-up counted in epochs, so it "
               f"is the same share of training at every batch); {seeds_named(seeds)}. Final test accuracy"
               + (", mean ± sample standard deviation over the seeds." if several else "."), "",
+              *([f"Not trained yet, so left out (those cells have fewer seeds): {', '.join(missing)}.", ""]
+                if missing else []),
               "*BatchNorm, running averages* is the usual evaluation (`train=False`, as in the paper and "
               "every other table here); *BatchNorm, batch statistics* normalises each test batch of the "
               "training batch size with its own mean and variance, as the network did while it trained. "
@@ -294,7 +301,7 @@ def write_sweep(records: list[dict], out: Path, *, data: str, base: Config, comm
     path = out / "batch-sweep.md"
     path.write_text("\n".join(lines))
     summary = {"data": data, "command": command, "recipe": recipe, "runs": records,
-               "fixed_steps_runs": list(fixed_steps_records)}
+               "fixed_steps_runs": list(fixed_steps_records), "missing_runs": list(missing)}
     (out / "batch-sweep.json").write_text(json.dumps(summary, indent=1))
     return path
 

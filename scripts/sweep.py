@@ -2,6 +2,7 @@
 
     python scripts/sweep.py --data-dir DATA --epochs 10 --seeds 0 1          # bn gn ln x batch 2..128
     python scripts/sweep.py --data-dir DATA --epochs 10 --seeds 0 1 2        # later: trains only seed 2
+    python scripts/sweep.py --data-dir DATA --epochs 10 --seeds 0 1 --report-only   # the finished runs only
     python scripts/sweep.py --data-dir DATA --time-steps 30                  # step time per batch, then exit
     python scripts/sweep.py --data-dir DATA --epochs 10 --seeds 0 1 --fixed-steps 3125   # + same-steps view
     python scripts/sweep.py --dataset synthetic --epochs 1 --seeds 0 --batch-sizes 4 32 --preset narrow \
@@ -51,6 +52,8 @@ def parse_args(argv=None):
                    help="(default 16 128)")
     s.add_argument("--time-steps", type=int, metavar="N",
                    help="only measure: median seconds per step over N steps at each batch size, then exit")
+    s.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the finished runs and name the missing ones")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Every recipe option applies to all runs; --lr belongs to the dataset's default batch (128 for CIFAR-10).
     add_config_options(p, exclude=("norm", "seed", "batch_size"))
@@ -90,12 +93,19 @@ def main(argv=None):
              f"{len(dataset.train_images):,} training images")
     runs_root = Path(args.runs or os.path.join("results", name, "sweep-runs"))
     out = Path(args.out or os.path.join("results", name))
-    sweep = dict(norms=args.norms, seeds=args.seeds, runs_root=runs_root, progress=not args.no_progress)
+    sweep = dict(norms=args.norms, seeds=args.seeds, runs_root=runs_root, progress=not args.no_progress,
+                 train=not args.report_only)
     records = run_sweep(base, dataset, batch_sizes=args.batch_sizes, **sweep)
     fixed = (run_sweep(base, dataset, batch_sizes=fixed_sizes, fixed_steps=args.fixed_steps, **sweep)
              if args.fixed_steps else [])
-    path = write_sweep(records, out, data=data, base=base, command=report_command(__file__, sys.argv[1:]),
-                       label=label, fixed_steps_records=fixed)
+    if not records:
+        raise ConfigError(f"no finished run in {runs_root}: run without --report-only to train them")
+    done = {(r["norm"], r["batch_size"], r["seed"]) for r in records}
+    missing = [f"{norm}-b{b}-s{seed}" for seed in args.seeds for b in args.batch_sizes for norm in args.norms
+               if (norm, b, seed) not in done]
+    command = report_command(__file__, [a for a in sys.argv[1:] if a != "--report-only"])
+    path = write_sweep(records, out, data=data, base=base, command=command, label=label,
+                       fixed_steps_records=fixed, missing=missing)
     print(f"wrote {path}")
 
 

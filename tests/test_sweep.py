@@ -194,3 +194,21 @@ def test_sweep_script_bad_input_is_one_line(args, message, tmp_path):
     result = run_script("sweep.py", "--dataset", "synthetic", *args, "--runs", tmp_path, "--out", tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_report_only_trains_nothing_and_names_the_missing_runs(tmp_path):
+    from conftest import run_script
+
+    common = ["--dataset", "synthetic", "--preset", "narrow", "--epochs", "1", "--norms", "gn",
+              "--batch-sizes", "32", "--runs", tmp_path / "runs", "--out", tmp_path / "out", "--no-progress"]
+    empty = run_script("sweep.py", *common, "--seeds", "0", "--report-only")
+    assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1, empty.stderr
+    assert "no finished run" in empty.stderr and not (tmp_path / "runs" / "gn-b32-e1-s0").exists()
+
+    assert run_script("sweep.py", *common, "--seeds", "0").returncode == 0
+    result = run_script("sweep.py", *common, "--seeds", "0", "1", "--report-only")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["gn-b32-e1-s0"]  # seed 1 not trained
+    text = (tmp_path / "out" / "batch-sweep.md").read_text()
+    assert "left out (those cells have fewer seeds): gn-b32-s1." in text and "--report-only" not in text
+    assert json.loads((tmp_path / "out" / "batch-sweep.json").read_text())["missing_runs"] == ["gn-b32-s1"]
