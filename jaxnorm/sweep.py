@@ -233,7 +233,8 @@ def _speed_section(records: list[dict], several_seeds: bool) -> list[str]:
              + "; ".join(f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in machines.items())
              + ": training images per second in a run's median epoch (the first epoch, which compiles, left "
              "out), and a run's training time (compilation included, the per-epoch test evaluation not)"
-             + (", means over the seeds" if several_seeds else "")
+             + (", the fastest of the seeds (other work on a shared machine only slows a run)"
+                if several_seeds else "")
              + f". The whole sweep: {len(records)} runs, {hours:.1f} hours of training.", "",
              "| batch | " + " | ".join(f"{norm} images/s" for norm in norms) + " | "
              + " | ".join(f"{norm} minutes" for norm in norms) + " |",
@@ -241,8 +242,8 @@ def _speed_section(records: list[dict], several_seeds: bool) -> list[str]:
     for b in sorted({r["batch_size"] for r in records}):
         speeds = [_values(records, norm, b, "images_per_second") for norm in norms]
         minutes = [[s / 60 for s in _values(records, norm, b, "seconds")] for norm in norms]
-        lines.append(f"| {b} | " + " | ".join(f"{statistics.mean(v):,.0f}" if v else "-" for v in speeds)
-                     + " | " + " | ".join(f"{statistics.mean(v):.1f}" if v else "-" for v in minutes) + " |")
+        lines.append(f"| {b} | " + " | ".join(f"{max(v):,.0f}" if v else "-" for v in speeds)
+                     + " | " + " | ".join(f"{min(v):.1f}" if v else "-" for v in minutes) + " |")
     return lines + [""]
 
 
