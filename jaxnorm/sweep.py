@@ -185,7 +185,7 @@ def run_sweep(base: Config, dataset: Dataset, *, norms: Sequence[str], batch_siz
                   # The median epoch's speed; the first epoch, which compiles, counts only in a 1-epoch run.
                   "images_per_second": statistics.median(e["images_per_second"]
                                                          for e in history[1:] or history),
-                  "devices": ", ".join(sorted({e.get("devices", "an unrecorded machine") for e in history}))}
+                  "devices": ", ".join(sorted({e.get("devices", "not recorded") for e in history}))}
         if config.norm == "bn":
             with_batch_stats = batch_stat_accuracy(workdir, dataset, config.batch_size)
             record["final_test_batch_stats"] = with_batch_stats["accuracy"]
@@ -229,9 +229,9 @@ def _speed_section(records: list[dict], several_seeds: bool) -> list[str]:
     machines = collections.Counter(r["devices"] for r in records)
     hours = sum(r["seconds"] for r in records) / 3600
     lines = ["## Training speed", "",
-             "As the runs measured it, one run at a time on "
-             + "; ".join(f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in machines.items())
-             + ": training images per second in a run's median epoch (the first epoch, which compiles, left "
+             "As the runs measured it, one run at a time (the machine, as each run's metrics.json names it: "
+             + "; ".join(f"{m} for {n} run{'s' if n > 1 else ''}" for m, n in machines.items())
+             + "): training images per second in a run's median epoch (the first epoch, which compiles, left "
              "out), and a run's training time (compilation included, the per-epoch test evaluation not)"
              + (", the fastest of the seeds (other work on a shared machine only slows a run)"
                 if several_seeds else "")

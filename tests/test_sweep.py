@@ -80,7 +80,7 @@ def test_sweep_writes_table_and_figure_and_reuses_its_runs(tmp_path, sweep_data,
     assert "; seed 0. Final test accuracy." in text and "over the seeds" not in text  # one seed: no mean
     # The budget as the runs measured it, on the devices they name.
     speed = text[text.index("## Training speed"):]
-    assert f"one run at a time on {parallel.describe_devices(parallel.make_mesh(16))} (" in speed
+    assert f"names it: {parallel.describe_devices(parallel.make_mesh(16))} for {len(records)} runs)" in speed
     assert "| batch | bn images/s | gn images/s | bn minutes | gn minutes |" in speed
     assert f"{len(records)} runs, " in speed and len(speed.strip().splitlines()) == 8  # 2 rows
     assert (out / "batch-sweep.png").stat().st_size > 10_000
