@@ -118,6 +118,9 @@ class Config:
     transition_width: int = knob(16, "channels of the 1x1 transitions (overrides --preset)", role=IDENTITY)
     dropout: float = knob(0.0, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
+    weight_standardization: bool = knob(
+        False, "standardise the kernel of every conv that feeds a norm layer (per output channel: zero mean, "
+        "unit variance; Qiao et al. 2019); no parameters added", role=IDENTITY)
     # Data.
     dataset: str = knob("cifar10", "cifar10: the CIFAR-10 CNN; mnist: the 10,224-parameter MNIST net, no "
                         "flips; folder: the CIFAR-10 CNN on the image folder --data-dir, one class per "
@@ -216,6 +219,7 @@ class Config:
                  ", ".join(augment) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
         parts += [f"weight moving average {self.ema_decay:g} for evaluation"] if self.ema_decay else []
+        parts += ["weight standardisation"] if self.weight_standardization else []
         parts += ["bfloat16 compute"] if self.precision == "bf16" else []
         parts += [f"L1 {self.l1:g}"] if self.l1 else []
         return ", ".join(parts)

@@ -51,6 +51,17 @@ def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32,
     raise ConfigError(f"unknown norm {norm!r}: choose one of bn, gn, ln")
 
 
+def standardize_kernels(variables: dict) -> dict:
+    """Weight standardisation (Qiao et al. 2019): each output channel's kernel (HWIO) to zero mean and
+    unit variance over its inputs, so the norm after the conv sees a smoother loss; biases unchanged."""
+    def standardize(w):
+        if w.ndim != 4:
+            return w
+        mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+        return (w - mean) * jax.lax.rsqrt(jnp.var(w, axis=(0, 1, 2), keepdims=True) + 1e-5)
+    return jax.tree_util.tree_map(standardize, variables)
+
+
 class _LayerNet(nn.Module):
     """Runs `spatial_layers()` in order. Input: uint8 or float NHWC images in [0, 255]; output: logits.
 
@@ -83,8 +94,11 @@ class _LayerNet(nn.Module):
         for layer in self.spatial_layers():
             if layer.kind in ("block", "conv"):
                 k = layer.kernel
-                y = impl.conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias,
-                                dtype=dtype, name=layer.name)(x)
+                conv = impl.conv
+                if c.weight_standardization and layer.kind == "block":  # not the logits' conv: no norm after it
+                    conv = nn.map_variables(conv, "params", standardize_kernels, init=self.is_initializing())
+                y = conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias, dtype=dtype,
+                         name=layer.name)(x)
                 if layer.kind == "block":
                     y = nn.relu(norm(name=f"{layer.name}_norm")(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),

@@ -30,6 +30,34 @@ def test_skip_connections_keep_the_parameter_count_and_change_the_output():
     assert not np.allclose(plain.apply(variables, x), skip.apply(variables, x))
 
 
+@pytest.mark.parametrize("layer_set", ["cpu", "flax"])
+def test_weight_standardization_is_the_plain_network_on_standardised_block_kernels(layer_set):
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), maxval=255)
+    plain = build_model(Config(norm="gn"), layer_set=layer_set)
+    ws = build_model(Config(norm="gn", weight_standardization=True), layer_set=layer_set)
+    variables = init_variables(ws, (32, 32, 3))
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        init_variables(plain, (32, 32, 3)))  # the same parameters: checkpoints and counts unchanged
+    # Trained kernels have a mean and per-channel scales of their own (at init they are already close
+    # to standardised, up to a scale the norm removes): give them some.
+    key = jax.random.PRNGKey(2)
+    variables = {"params": jax.tree_util.tree_map_with_path(
+        lambda path, w: w * jax.random.uniform(key, w.shape[-1:], minval=0.5, maxval=2.0) + 0.05
+        if path[-1].key == "kernel" else w, variables["params"])}
+    params = dict(variables["params"])
+    for name in params:  # every 3x3 block's kernel standardised by hand; the logits' conv c10 kept
+        if name.startswith("C") and "kernel" in params[name]:
+            w = params[name]["kernel"]
+            mean, var = w.mean(axis=(0, 1, 2)), w.var(axis=(0, 1, 2))
+            params[name] = {"kernel": (w - mean) / np.sqrt(var + 1e-5)}
+    np.testing.assert_allclose(ws.apply(variables, x), plain.apply({"params": params}, x), rtol=1e-4,
+                               atol=1e-4)
+    assert not np.allclose(ws.apply(variables, x), plain.apply(variables, x), atol=1e-3)
+    # Gradients reach the raw kernels through the standardisation: none is zero.
+    grads = jax.grad(lambda p: ws.apply({"params": p}, x).sum())(variables["params"])
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_output_is_one_logit_per_class(norm):
     model = build_model(Config(norm=norm))
