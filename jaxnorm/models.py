@@ -95,7 +95,7 @@ class _LayerNet(nn.Module):
             if layer.kind in ("block", "conv"):
                 k = layer.kernel
                 conv = impl.conv
-                if c.weight_standardization and layer.kind == "block":  # not the logits' conv: no norm after it
+                if c.weight_standardization and layer.kind == "block":  # not c10: no norm follows it
                     conv = nn.map_variables(conv, "params", standardize_kernels, init=self.is_initializing())
                 y = conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias, dtype=dtype,
                          name=layer.name)(x)
