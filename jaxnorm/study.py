@@ -180,6 +180,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
              if split == "validation" else "the plain test images (no test-time augmentation)")
     plural = "s" if len(seeds) > 1 else ""
     skip = " + skip connections" if config.skip else ""  # L1 is named by the recipe
+    groups = f", GroupNorm in {configs['gn'].groups} groups" if "gn" in configs else ""
     # Each norm's recipe: one line when they agree, else one per norm.
     recipes = {norm: c.recipe() for norm, c in configs.items()}
     shared = len(set(recipes.values())) == 1
@@ -187,7 +188,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
                   + (", with dropout" if c.dropout else "") for norm, c in configs.items()}
     as_trained = (next(iter(as_trained.values())) if len(set(as_trained.values())) == 1 else
                   "; ".join(f"{norm}: {text}" for norm, text in as_trained.items()))
-    lines += [f"{net}{skip}; {config.recipe() if shared else 'each norm with its own recipe (below)'}; "
+    lines += [f"{net}{skip}{groups}; {config.recipe() if shared else 'each norm with its own recipe (below)'}; "
               f"seed{plural} {', '.join(map(str, seeds))} "
               f"({len(seeds)} run{plural} per norm). Accuracies of the final checkpoint"
               + (": mean ± sample standard deviation over the seeds" if len(seeds) > 1 else "") + ". Train "

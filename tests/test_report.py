@@ -259,6 +259,11 @@ def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path):
     records["ln"][0]["config"] = Config.for_dataset("mnist", norm="ln").to_dict()
     text = write_study(records, data, tmp_path, dataset_key="mnist").read_text()
     assert "own recipe" not in text and "- BatchNorm" not in text and configs["bn"].recipe() in text
+    assert "GroupNorm in" not in text  # no GroupNorm run: no group count
+    # A GroupNorm run's group count is part of the network's description.
+    records["gn"] = [{**records["bn"][0], "config": Config.for_dataset("mnist", norm="gn").to_dict()}]
+    text = write_study(records, data, tmp_path, dataset_key="mnist").read_text()
+    assert "MNIST net, GroupNorm in 2 groups; " in text
 
 
 def test_titles_name_the_variant():
