@@ -188,7 +188,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
                   + (", with dropout" if c.dropout else "") for norm, c in configs.items()}
     as_trained = (next(iter(as_trained.values())) if len(set(as_trained.values())) == 1 else
                   "; ".join(f"{norm}: {text}" for norm, text in as_trained.items()))
-    lines += [f"{net}{skip}{groups}; {config.recipe() if shared else 'each norm with its own recipe (below)'}; "
+    recipe = config.recipe() if shared else "each norm with its own recipe (below)"
+    lines += [f"{net}{skip}{groups}; {recipe}; "
               f"seed{plural} {', '.join(map(str, seeds))} "
               f"({len(seeds)} run{plural} per norm). Accuracies of the final checkpoint"
               + (": mean ± sample standard deviation over the seeds" if len(seeds) > 1 else "") + ". Train "
