@@ -165,9 +165,11 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     names = {norm: network_name(c) for norm, c in configs.items()}
     curves = {names[r["norm"]]: (configs[r["norm"]], [x["history"] for x in records[r["norm"]]])
               for r in rows}
+    sizes = {r["num_params"] for r in rows}  # one parameter count (the usual case): in the title
     plot_curves(curves, out / f"curves{suffix}.png", evaluation_set=split,
                 title=f"{_seeds_text(seeds)} | {data_title(dataset_key, dataset)}"
-                      + (f", {len(dataset.train_images):,} training images" if "subset" in data else ""))
+                      + (f", {len(dataset.train_images):,} training images" if "subset" in data else "")
+                      + (f" | {rows[0]['num_params']:,} parameters" if len(sizes) == 1 else ""))
     lines = ["# Normalisation study" + (f" ({', '.join(extras)})" if extras else ""), "",
              f"Data: {data}.", ""]
     if command:

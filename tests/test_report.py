@@ -239,9 +239,12 @@ def test_study_of_validation_runs_says_validation_and_chooses_best_on_it(tmp_pat
     assert "# Normalisation study (L1 1e-05)" in text and "mean over" not in text  # one seed: no mean
 
 
-def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path):
+def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path, monkeypatch):
+    import jaxnorm.study
     from jaxnorm.data import Dataset
     from jaxnorm.study import write_study
+    titles = []
+    monkeypatch.setattr(jaxnorm.study, "plot_curves", lambda *a, title, **k: titles.append(title))
     data = Dataset(np.zeros((60000, 2, 2, 1), np.uint8), np.zeros(60000, np.int32),
                    np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int32), tuple("0123456789"), source="m")
     history = [{"epoch": 1, "train_accuracy": 0.5, "test_accuracy": 0.6, "train_loss": 1.0, "test_loss": 1.0,
@@ -254,6 +257,7 @@ def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path):
     assert f"- BatchNorm (`bn`): {configs['bn'].recipe()}\n" in text
     assert f"- LayerNorm (`ln`): {configs['ln'].recipe()}\n" in text and "rotations up to 10 degrees" in text
     assert "as trained: bn: not augmented; ln: augmented)" in text
+    assert titles[-1].endswith(" | 10,224 parameters")  # one parameter count: the curves' title gives it
     assert text.index("- LayerNorm") < text.index("| norm |")  # the key comes before the table
     # One recipe for all: a single line, no per-norm list.
     records["ln"][0]["config"] = Config.for_dataset("mnist", norm="ln").to_dict()
