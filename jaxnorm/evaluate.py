@@ -272,7 +272,9 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
 
 def variant_parts(config: Config) -> list[str]:
     """What sets a run apart from the plain network: ["skip connections", "L1 1e-05"]."""
-    return (["skip connections"] if config.skip else []) + ([f"L1 {config.l1:g}"] if config.l1 else [])
+    return ((["skip connections"] if config.skip else [])
+            + (["weight standardisation"] if config.weight_standardization else [])
+            + ([f"L1 {config.l1:g}"] if config.l1 else []))
 
 
 def network_name(config: Config) -> str:

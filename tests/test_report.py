@@ -273,6 +273,8 @@ def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path, mon
 def test_titles_name_the_variant():
     assert network_name(Config(l1=1e-5)) == "BatchNorm + L1 1e-05"
     assert network_name(Config(norm="gn", skip=True)) == "GroupNorm (8 groups) + skip connections"
+    assert (network_name(Config(norm="gn", weight_standardization=True))
+            == "GroupNorm (8 groups) + weight standardisation")
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
