@@ -29,6 +29,13 @@ BENCHMARK_TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000}
 STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f != "epochs")
 
 
+def run_variant(config: Config) -> str:
+    """The suffix that keeps a variant's run folders and report files apart from the plain network's:
+    "", "-skip", "-ws" (weight standardisation), "-l1_1e-05", or a combination in that order."""
+    return (("-skip" if config.skip else "") + ("-ws" if config.weight_standardization else "")
+            + (f"-l1_{config.l1:g}" if config.l1 else ""))
+
+
 def report_command(script_file: str, argv: Sequence[str]) -> str:
     """The command that produced a report, as the report prints it: `python scripts/<name> <argv>`."""
     return shlex.join(["python", f"scripts/{Path(script_file).name}", *argv])
@@ -152,7 +159,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     out = Path(out)
     if not records:
         raise CheckpointError("no runs to report")
-    suffix = variant  # "", "-skip", "-l1_1e-05", ...: keeps each variant's files apart
+    suffix = variant  # run_variant(config): keeps each variant's files apart
     rows = study_rows(records)
     # Each norm's config (its own recipe where config.NORM_DEFAULTS gives one); the first row's names the
     # data, the split and the variant, which all runs share.

@@ -5,11 +5,12 @@
     python scripts/study.py --dataset synthetic --epochs 1 --seeds 0 --preset narrow  # smoke test
 
 Every training option of scripts/train.py applies to all runs (--norm and --seed are --norms and
---seeds here). Runs live in <runs>/<norm>[-skip]-s<seed> (default runs: checkpoints/study/<dataset
-name>); a finished run is reused, an unfinished one resumed (also after Ctrl-C: run the same command
-again). Every figure is of the final checkpoints. Writes <out>/study.md, <out>/curves.png and
-<out>/misclassified-<norm>.png (default out: results/<dataset name>). With --train-split the runs are
-evaluated on validation images held out of the training files, and the report says "validation".
+--seeds here). Runs live in <runs>/<norm>[-skip][-ws][-l1_X]-s<seed> (default runs:
+checkpoints/study/<dataset name>); a finished run is reused, an unfinished one resumed (also after
+Ctrl-C: run the same command again). Every figure is of the final checkpoints. Writes <out>/study.md,
+<out>/curves.png and <out>/misclassified-<norm>.png (default out: results/<dataset name>). With
+--train-split the runs are evaluated on validation images held out of the training files, and the
+report says "validation".
 """
 
 import os
@@ -22,7 +23,7 @@ from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
 from jaxnorm.evaluate import restore_run, write_run_report
 from jaxnorm.runlock import RunLock
-from jaxnorm.study import dataset_name, report_command, train_or_reuse, write_study
+from jaxnorm.study import dataset_name, report_command, run_variant, train_or_reuse, write_study
 
 
 def parse_args(argv=None):
@@ -45,7 +46,7 @@ def main(argv=None):
     # Each norm's config: the options given, over its own defaults (config.NORM_DEFAULTS).
     configs = {norm: config_from_args(args, norm=norm) for norm in args.norms}
     base = configs[args.norms[0]]
-    variant = ("-skip" if base.skip else "") + (f"-l1_{base.l1:g}" if base.l1 else "")
+    variant = run_variant(base)
 
     dataset = load_dataset(base.dataset, base.data_dir, train_split=base.train_split)
     name = dataset_name(base.dataset, dataset)

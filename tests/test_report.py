@@ -277,6 +277,16 @@ def test_titles_name_the_variant():
             == "GroupNorm (8 groups) + weight standardisation")
 
 
+def test_each_variant_gets_its_own_run_folders():
+    from jaxnorm.study import run_variant
+
+    variants = [Config(), Config(skip=True), Config(weight_standardization=True), Config(l1=1e-5),
+                Config(skip=True, weight_standardization=True)]
+    suffixes = [run_variant(config) for config in variants]
+    assert suffixes[0] == "" and len(set(suffixes)) == len(suffixes), suffixes
+    assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05"
+
+
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
     import jax.numpy as jnp
 
