@@ -270,11 +270,18 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
     return "\n".join(lines)
 
 
+def variants(config: Config) -> list[tuple[str, str]]:
+    """(label, folder suffix) for each way a run differs from the plain network, in a fixed order:
+    [("skip connections", "skip"), ("weight standardisation", "ws"), ("L1 1e-05", "l1_1e-05")]."""
+    return [(label, suffix) for on, label, suffix in (
+        (config.skip, "skip connections", "skip"),
+        (config.weight_standardization, "weight standardisation", "ws"),
+        (config.l1, f"L1 {config.l1:g}", f"l1_{config.l1:g}")) if on]
+
+
 def variant_parts(config: Config) -> list[str]:
     """What sets a run apart from the plain network: ["skip connections", "L1 1e-05"]."""
-    return ((["skip connections"] if config.skip else [])
-            + (["weight standardisation"] if config.weight_standardization else [])
-            + ([f"L1 {config.l1:g}"] if config.l1 else []))
+    return [label for label, _ in variants(config)]
 
 
 def network_name(config: Config) -> str:

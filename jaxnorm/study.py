@@ -18,7 +18,7 @@ import numpy as np
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import IDENTITY, NORM_NAMES, RECIPE, Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
-from jaxnorm.evaluate import network_name, reading_checkpoints, variant_parts
+from jaxnorm.evaluate import network_name, reading_checkpoints, variant_parts, variants
 from jaxnorm.figures import plot_curves
 from jaxnorm.train import train_and_evaluate
 
@@ -32,8 +32,7 @@ STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f
 def run_variant(config: Config) -> str:
     """The suffix that keeps a variant's run folders and report files apart from the plain network's:
     "", "-skip", "-ws" (weight standardisation), "-l1_1e-05", or a combination in that order."""
-    return (("-skip" if config.skip else "") + ("-ws" if config.weight_standardization else "")
-            + (f"-l1_{config.l1:g}" if config.l1 else ""))
+    return "".join(f"-{suffix}" for _, suffix in variants(config))
 
 
 def report_command(script_file: str, argv: Sequence[str]) -> str:
