@@ -347,6 +347,7 @@ def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path)
     width = fig.get_figwidth() * fig.dpi
     box = fig._suptitle.get_window_extent(renderer)
     assert box.x0 >= 0 and box.x1 <= width  # not cut on either side
+    assert fig._suptitle.get_text() == title  # a run title's two lines fit without wrapping
     axes = np.asarray(fig.axes).reshape(rows, cols)
     for r in range(1, rows):
         for c in range(cols):
