@@ -250,12 +250,21 @@ def test_a_failed_save_is_one_line_keeps_the_good_checkpoint_and_resume_continue
     assert without_timing(resumed["history"]) == without_timing(two_epochs[1]["history"])
 
 
+def _resize(disk, kilobytes):
+    subprocess.run(["mount", "-o", f"remount,size={kilobytes}k", str(disk)], check=True)
+
+
+def _kilobytes(path):
+    """Disk use of `path` in KB, as the file system counts it (whole blocks)."""
+    return int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 300 KB tmpfs: room for one tiny checkpoint, not two."""
+    """A tmpfs of its own (8 MB until a test shrinks it)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root); the monkeypatched test covers the logic")
     yield disk
@@ -263,9 +272,16 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_through_the_command_line(small_disk):
+    run_folder = small_disk / "run"
+    # One epoch with room to spare, then a disk with free space for a quarter of that checkpoint: the next
+    # save cannot fit. (Sized from the measured checkpoint: Orbax's OCDBT splits the same arrays into a
+    # varying number of files, so a fixed disk size may not hold even the first one.)
+    _load_script().main([*TINY, "--epochs", "1", "--workdir", str(run_folder)])
+    (first,) = [path for path in (run_folder / "ckpt").iterdir() if path.name.isdigit()]
+    _resize(small_disk, _kilobytes(small_disk) + _kilobytes(first) // 4)
     # A process of its own: Orbax's and TensorStore's threads report in it until the interpreter exits,
-    # and its whole stderr is what the user sees (it compiles into the run's cache, for the resume).
-    run = run_script("train.py", *TINY, "--epochs", "3", "--workdir", small_disk / "run", timeout=900)
+    # and its whole stderr is what the user sees.
+    run = run_script("train.py", *TINY, "--epochs", "3", "--workdir", run_folder, "--resume", timeout=900)
     # One error line, the last: nothing after it. (A loaded machine may get warnings before it: Orbax's
     # on a save that waited, XLA's on a slow compile.)
     lines = run.stderr.strip().splitlines()
@@ -274,13 +290,12 @@ def test_a_full_disk_through_the_command_line(small_disk):
     noise = ("Traceback", "Exception", "exception", "Event loop is closed", "ERROR:", "RESOURCE_EXHAUSTED")
     assert not any(text in run.stderr for text in noise), run.stderr
     assert errors[0].startswith("error: could not save step ") and "no space left on the device" in errors[0]
-    checkpoints = RunCheckpoints(small_disk / "run", read_only=True)
-    good = checkpoints.require_latest_step()
-    assert f"the last good checkpoint is step {good}" in errors[0]
-    # Free space (a bigger tmpfs over the same files), then --resume finishes the run.
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
-    _load_script().main([*TINY, "--epochs", "3", "--workdir", str(small_disk / "run"), "--resume"])
-    assert len(json.loads((small_disk / "run" / "metrics.json").read_text())) == 3
+    assert f"the last good checkpoint is step {first.name} " in errors[0]
+    assert RunCheckpoints(run_folder, read_only=True).require_latest_step() == int(first.name)
+    # Free space again, then --resume finishes the run.
+    _resize(small_disk, 8 * 1024)
+    _load_script().main([*TINY, "--epochs", "3", "--workdir", str(run_folder), "--resume"])
+    assert len(json.loads((run_folder / "metrics.json").read_text())) == 3
 
 
 def test_os_errors_outside_saves_are_one_line(capsys):
