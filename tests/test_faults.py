@@ -256,7 +256,8 @@ def _resize(disk, kilobytes):
 
 def _kilobytes(path):
     """Disk use of `path` in KB, as the file system counts it (whole blocks)."""
-    return int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+    du = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
+    return int(du.stdout.split()[0])
 
 
 @pytest.fixture
