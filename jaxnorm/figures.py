@@ -60,9 +60,21 @@ def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: 
 
 
 def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
-    """`title` with every line wrapped to the figure's width, so no part of it falls outside."""
+    """`title` with every line wrapped to the figure's width, so no part of it falls outside. A line
+    too long breaks at its " | " separators first, so a phrase ("(weight average, step 7020)") stays
+    whole; only a part too long by itself (a path) wraps inside."""
     chars = int(fig.get_figwidth() * 72 / (0.62 * fontsize))  # DejaVu Sans averages under 0.62 em a glyph
-    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
+    lines = []
+    for line in title.splitlines():
+        parts = line.split(" | ")
+        packed = [parts[0]]
+        for part in parts[1:]:
+            if len(packed[-1]) + len(" | ") + len(part) <= chars:
+                packed[-1] += " | " + part
+            else:
+                packed.append(part)
+        lines += packed
+    return "\n".join(textwrap.fill(line, chars) for line in lines)
 
 
 def plot_curves(runs: Mapping[str, tuple[Config, Sequence[list[dict]]]], path: str | Path, title: str = "",

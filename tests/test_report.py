@@ -356,6 +356,15 @@ def test_grid_title_fits_and_labels_clear_the_images_above(rows, cols, tmp_path)
             assert not any(_overlap(label, a) for a in above), (r, c)
 
 
+def test_a_title_too_long_for_one_line_breaks_at_its_separators(tmp_path):
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    chosen = [{"index": i, "true": 0, "predicted": 1, "probability": 0.5} for i in range(10)]
+    title = "GroupNorm (8 groups)\n34,872 parameters | validation accuracy 78.00% (weight average, step 7020)"
+    fig = misclassified_grid(images, chosen, ["automobile", "airplane"], tmp_path / "g.png", title=title)
+    assert fig._suptitle.get_text().splitlines() == [
+        "GroupNorm (8 groups)", "34,872 parameters", "validation accuracy 78.00% (weight average, step 7020)"]
+
+
 def test_curves_plot_accuracy_in_percent_and_tell_train_from_test(tmp_path):
     history = [{"train_loss": 1.0, "test_loss": 1.2, "train_accuracy": 0.40, "test_accuracy": 0.42}]
     bn, gn = Config(norm="bn"), Config(norm="gn")
