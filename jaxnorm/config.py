@@ -133,6 +133,8 @@ class Config:
         "names); or the folder that caches downloads (<dir>/jaxnorm-downloads) and TFDS datasets "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)", role=RUNTIME, metavar="PATH")
     flip: bool = knob(True, "random horizontal flips, as in the reference implementations")
+    alternate_flips: bool = knob(False, "mirror each image in every other epoch, from a random first "
+                                 "choice per image (airbench), instead of by a fresh coin each time")
     rotate: float = knob(0.0, "also rotate each image by a random angle in [-X, X] degrees (bilinear)",
                          metavar="X")
     crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
@@ -205,7 +207,8 @@ class Config:
         else:
             warmup = f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else ""
             schedule = f"{warmup}{self.schedule} decay to 0"
-        augment = [a for a, on in (("flips", self.flip), (f"rotations up to {self.rotate:g} degrees",
+        flips = "alternating flips" if self.alternate_flips else "flips"
+        augment = [a for a, on in ((flips, self.flip), (f"rotations up to {self.rotate:g} degrees",
                                                           self.rotate),
                                    (f"pad-{self.crop_padding} crops", self.crop)) if on]
         batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
@@ -250,6 +253,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and not ok(value, self):
                 raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+        if self.alternate_flips and not self.flip:
+            raise ConfigError("--alternate-flips needs flips: drop --no-flip")
         widths = normalised_widths(self.layers())
         if self.norm == "gn" and any(w % self.groups for w in widths):
             bad = ", ".join(str(w) for w in dict.fromkeys(widths) if w % self.groups)

@@ -431,12 +431,16 @@ def synthetic_dataset(num_train: int = 512, num_test: int = 256, image_shape=(32
 # Augmentation, inside the compiled step.
 
 
-def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, rotate_degrees: float = 0.0,
-            crop_padding: int = 0) -> jax.Array:
-    """Random horizontal flip (then rotation, then pad-and-crop) of an NHWC batch, one draw per image."""
+def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, flip_mask: jax.Array | None = None,
+            rotate_degrees: float = 0.0, crop_padding: int = 0) -> jax.Array:
+    """Random horizontal flip (then rotation, then pad-and-crop) of an NHWC batch, one draw per image.
+    `flip_mask` (one bool per image): mirror exactly those instead of drawing (`alternating_flips`)."""
     flip_key, crop_key = jax.random.split(key)
     if flip:
-        do_flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
+        if flip_mask is None:
+            do_flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
+        else:
+            do_flip = flip_mask.reshape(-1, 1, 1, 1)
         images = jnp.where(do_flip, images[:, :, ::-1, :], images)
     if rotate_degrees:  # its own key, folded in: flips and crops draw as they did before rotations existed
         angles = jax.random.uniform(jax.random.fold_in(key, 2), (images.shape[0],),
@@ -450,6 +454,15 @@ def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, rotate_degr
         images = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
             padded, offsets)
     return images
+
+
+def alternating_flips(key: jax.Array, num_images: int, indices: jax.Array, epoch) -> jax.Array:
+    """Which of the training images `indices` to mirror in `epoch`, as airbench does: a random half in
+    epoch 0, drawn once per image from `key`, then each image the other way round in every next epoch.
+    Any two epochs in a row then show every image both ways, where fresh coins show a quarter of them
+    one way only."""
+    first = jax.random.bernoulli(key, 0.5, (num_images,))
+    return first[indices] ^ (epoch % 2 == 1)
 
 
 def rotate(images: jax.Array, degrees: jax.Array) -> jax.Array:

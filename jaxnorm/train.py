@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, check_writable_workdir
 from jaxnorm.config import IDENTITY, Config, ConfigError
-from jaxnorm.data import Dataset, augment, first_train_images, load_dataset
+from jaxnorm.data import Dataset, alternating_flips, augment, first_train_images, load_dataset
 from jaxnorm.evaluate import format_summary, logit_metrics, make_predict, summarize
 from jaxnorm.models import build_model, count_params, l1_penalty, model_summary
 from jaxnorm.runlock import holding_run_lock
@@ -84,7 +84,11 @@ def train_step_fn(config: Config, mesh) -> Callable:
         x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
         y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
         aug_key, dropout_key = jax.random.split(_step_key(config, 1, state.step))
-        x = augment(x, aug_key, flip=config.flip, rotate_degrees=config.rotate,
+        flip_mask = None
+        if config.flip and config.alternate_flips:
+            epoch = state.step // order.shape[0]  # order: (steps per epoch, batch)
+            flip_mask = alternating_flips(_step_key(config, 2, 0), images.shape[0], idx, epoch)
+        x = augment(x, aug_key, flip=config.flip, flip_mask=flip_mask, rotate_degrees=config.rotate,
                     crop_padding=config.crop_padding if config.crop else 0)
 
         def loss_fn(params):

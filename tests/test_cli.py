@@ -78,6 +78,12 @@ def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
     assert Config.from_dict(Config().to_dict()) == Config()  # a config saved today comes back as it was
 
 
+def test_alternating_flips_need_flips():
+    assert "alternating flips" in Config(alternate_flips=True).recipe()
+    with pytest.raises(ConfigError, match="--alternate-flips needs flips"):
+        Config(alternate_flips=True, flip=False).validate()
+
+
 def test_width_zero_is_an_error_not_the_preset_width():
     with pytest.raises(ConfigError, match="--width must be positive, got 0"):
         _config("--width", "0")

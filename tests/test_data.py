@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_SUBSET
-from jaxnorm.data import DataError, augment, load_dataset, read_cifar10_archive, rotate
+from jaxnorm.data import DataError, alternating_flips, augment, load_dataset, read_cifar10_archive, rotate
 
 needs_subset = pytest.mark.skipif(not CIFAR_SUBSET.exists(), reason="../shared/data not present")
 
@@ -84,6 +84,24 @@ def test_flip_mirrors_a_random_half_and_keeps_the_rest():
     assert 16 < sum(flipped) < 48
     again = np.asarray(augment(images, jax.random.PRNGKey(0), flip=True))
     np.testing.assert_array_equal(out, again)  # driven by the key alone
+
+
+def test_alternating_flips_turn_every_image_the_other_way_each_epoch():
+    key, everyone = jax.random.PRNGKey(4), jnp.arange(1000)
+    epochs = [np.asarray(alternating_flips(key, 1000, everyone, e)) for e in range(3)]
+    assert 400 < epochs[0].sum() < 600  # a random half first
+    np.testing.assert_array_equal(epochs[1], ~epochs[0])
+    np.testing.assert_array_equal(epochs[2], epochs[0])
+    some = jnp.array([7, 3, 999, 3])  # a batch of indices: each image's own choice, wherever it falls
+    np.testing.assert_array_equal(alternating_flips(key, 1000, some, 1), epochs[1][np.asarray(some)])
+
+
+def test_a_flip_mask_mirrors_exactly_the_images_it_names():
+    images = np.arange(6 * 4 * 4 * 3, dtype=np.float32).reshape(6, 4, 4, 3)
+    mask = np.array([True, False, False, True, True, False])
+    out = np.asarray(augment(images, jax.random.PRNGKey(0), flip_mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(out[mask], images[mask][:, :, ::-1])
+    np.testing.assert_array_equal(out[~mask], images[~mask])
 
 
 def test_rotate_turns_images_about_their_centre():

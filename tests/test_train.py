@@ -33,6 +33,26 @@ def test_epoch_order_is_a_permutation_that_changes_per_epoch(tiny_config):
     np.testing.assert_array_equal(first, np.asarray(order(0)))
 
 
+@pytest.mark.parametrize("alternate", [True, False])
+def test_alternating_flips_show_the_next_epoch_each_image_the_other_way(alternate, tiny_config, tiny_data):
+    # With alternating flips, a step in epoch 1 on mirrored images sees exactly what the same step sees
+    # in epoch 0 on the originals; fresh coins (each step its own) do not.
+    import jax
+    import jax.numpy as jnp
+
+    config = tiny_config.replace(alternate_flips=alternate, schedule="step")  # the same lr in both epochs
+    run = setup_run(config, tiny_data)
+    step = compiled_train_step(config, run.mesh)
+    order = np.arange(64, dtype=np.int32).reshape(4, 16)
+    later = jax.tree.map(jnp.copy, run.state.replace(step=run.state.step + 4))  # the step donates its state
+    first, _ = step(run.state, run.images, run.labels, order, 0)
+    second, _ = step(later, run.images[:, :, ::-1, :], run.labels, order, 0)
+    same = [np.allclose(a, b, atol=1e-6) for a, b in zip(jax.tree.leaves(jax.device_get(first.params)),
+                                                        jax.tree.leaves(jax.device_get(second.params)),
+                                                        strict=True)]
+    assert all(same) is alternate
+
+
 def test_predict_handles_a_ragged_last_batch(tiny_config, tiny_data):
     run = setup_run(tiny_config, tiny_data)
     state, images = run.state, tiny_data.test_images[:13]
