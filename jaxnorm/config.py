@@ -68,6 +68,7 @@ RANGES = {
     "dropout": ("in [0, 1)", lambda value, config: 0 <= value < 1),
     "rotate": ("in [0, 180]", lambda value, config: 0 <= value <= 180),
     "crop_padding": POSITIVE,
+    "cutout": (">= 0", lambda value, config: value >= 0),
     "train_split": POSITIVE,
     "train_images": POSITIVE,
     "epochs": POSITIVE,
@@ -139,6 +140,8 @@ class Config:
                          metavar="X")
     crop: bool = knob(False, "also pad by --crop-padding (reflected) and crop randomly: a random translation")
     crop_padding: int = knob(4, "the largest shift of --crop, in pixels")
+    cutout: int = knob(0, "also blank a random N x N square of each image (centred anywhere in it, clipped "
+                       "at its edges), filled with the batch's mean colour; 0: off", metavar="N")
     train_split: int | None = knob(
         None, "train on the first N images of one file set and test on the rest (the training files, or the "
         "test files when the folder has no training images, e.g. ../shared/data/mnist: --train-split 8000 "
@@ -210,7 +213,8 @@ class Config:
         flips = "alternating flips" if self.alternate_flips else "flips"
         augment = [a for a, on in ((flips, self.flip), (f"rotations up to {self.rotate:g} degrees",
                                                           self.rotate),
-                                   (f"pad-{self.crop_padding} crops", self.crop)) if on]
+                                   (f"pad-{self.crop_padding} crops", self.crop),
+                                   (f"{self.cutout}x{self.cutout} cutout", self.cutout)) if on]
         batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
         if lr_scaled_with_batch:
             batch, lr = "batch B", f"lr {self.lr:g} x B / {self.batch_size}"

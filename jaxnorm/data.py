@@ -432,9 +432,10 @@ def synthetic_dataset(num_train: int = 512, num_test: int = 256, image_shape=(32
 
 
 def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, flip_mask: jax.Array | None = None,
-            rotate_degrees: float = 0.0, crop_padding: int = 0) -> jax.Array:
-    """Random horizontal flip (then rotation, then pad-and-crop) of an NHWC batch, one draw per image.
-    `flip_mask` (one bool per image): mirror exactly those instead of drawing (`alternating_flips`)."""
+            rotate_degrees: float = 0.0, crop_padding: int = 0, cutout: int = 0) -> jax.Array:
+    """Random horizontal flip (then rotation, then pad-and-crop, then cutout) of an NHWC batch, one draw
+    per image. `flip_mask` (one bool per image): mirror exactly those instead of drawing
+    (`alternating_flips`)."""
     flip_key, crop_key = jax.random.split(key)
     if flip:
         if flip_mask is None:
@@ -453,7 +454,22 @@ def augment(images: jax.Array, key: jax.Array, *, flip: bool = True, flip_mask: 
         offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
         images = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
             padded, offsets)
+    if cutout:
+        images = cut_out(images, jax.random.fold_in(key, 3), cutout)
     return images
+
+
+def cut_out(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
+    """Cutout (DeVries and Taylor 2017): a size x size square of each NHWC image, centred anywhere in it
+    and clipped at its edges, filled with the batch's mean colour (about 0 after the model's input
+    normalisation, as in the paper)."""
+    n, h, w, _ = images.shape
+    top_left = jax.random.randint(key, (n, 2, 1, 1), 0, jnp.array([h, w])[:, None, None]) - size // 2
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    square = ((rows >= top_left[:, 0]) & (rows < top_left[:, 0] + size)
+              & (cols >= top_left[:, 1]) & (cols < top_left[:, 1] + size))
+    fill = jnp.mean(images, axis=(0, 1, 2), dtype=jnp.float32).astype(images.dtype)
+    return jnp.where(square[..., None], fill, images)
 
 
 def alternating_flips(key: jax.Array, num_images: int, indices: jax.Array, epoch) -> jax.Array:

@@ -89,7 +89,7 @@ def train_step_fn(config: Config, mesh) -> Callable:
             epoch = state.step // order.shape[0]  # order: (steps per epoch, batch)
             flip_mask = alternating_flips(_step_key(config, 2, 0), images.shape[0], idx, epoch)
         x = augment(x, aug_key, flip=config.flip, flip_mask=flip_mask, rotate_degrees=config.rotate,
-                    crop_padding=config.crop_padding if config.crop else 0)
+                    crop_padding=config.crop_padding if config.crop else 0, cutout=config.cutout)
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,

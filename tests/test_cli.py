@@ -79,7 +79,7 @@ def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
 
 
 def test_alternating_flips_need_flips():
-    assert "alternating flips" in Config(alternate_flips=True).recipe()
+    assert "alternating flips, 8x8 cutout" in Config(alternate_flips=True, cutout=8).recipe()
     with pytest.raises(ConfigError, match="--alternate-flips needs flips"):
         Config(alternate_flips=True, flip=False).validate()
 

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_SUBSET
-from jaxnorm.data import DataError, alternating_flips, augment, load_dataset, read_cifar10_archive, rotate
+from jaxnorm.data import (
+    DataError,
+    alternating_flips,
+    augment,
+    cut_out,
+    load_dataset,
+    read_cifar10_archive,
+    rotate,
+)
 
 needs_subset = pytest.mark.skipif(not CIFAR_SUBSET.exists(), reason="../shared/data not present")
 
@@ -102,6 +110,24 @@ def test_a_flip_mask_mirrors_exactly_the_images_it_names():
     out = np.asarray(augment(images, jax.random.PRNGKey(0), flip_mask=jnp.asarray(mask)))
     np.testing.assert_array_equal(out[mask], images[mask][:, :, ::-1])
     np.testing.assert_array_equal(out[~mask], images[~mask])
+
+
+def test_cutout_fills_one_clipped_square_per_image_with_the_mean_colour():
+    images = np.random.default_rng(2).integers(1, 255, (200, 12, 12, 3)).astype(np.float32)
+    out = np.asarray(cut_out(jnp.asarray(images), jax.random.PRNGKey(1), 6))
+    fill = images.mean((0, 1, 2))
+    sizes = []
+    for o, i in zip(out, images, strict=True):
+        rows, cols = np.nonzero(np.any(o != i, axis=-1))
+        top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+        box = o[top:bottom, left:right]
+        np.testing.assert_allclose(box, np.broadcast_to(fill, box.shape), rtol=1e-6)  # one filled square
+        sizes.append((bottom - top, right - left))
+        assert bottom - top == 6 or top == 0 or bottom == 12  # whole, or clipped at an edge
+        assert right - left == 6 or left == 0 or right == 12
+    assert (6, 6) in sizes and any(h < 6 or w < 6 for h, w in sizes)  # whole squares, and clipped ones
+    assert len(set(sizes)) > 3 and np.array_equal(out, np.asarray(cut_out(jnp.asarray(images),
+                                                                          jax.random.PRNGKey(1), 6)))
 
 
 def test_rotate_turns_images_about_their_centre():

@@ -53,6 +53,19 @@ def test_alternating_flips_show_the_next_epoch_each_image_the_other_way(alternat
     assert all(same) is alternate
 
 
+def test_cutout_reaches_the_training_step(tiny_config, tiny_data):
+    import jax
+
+    order = np.arange(16, dtype=np.int32)[None]
+    params = []
+    for cutout in (0, 8):
+        config = tiny_config.replace(cutout=cutout, schedule="step")  # no warm-up: the first step moves
+        run = setup_run(config, tiny_data)
+        state, _ = compiled_train_step(config, run.mesh)(run.state, run.images, run.labels, order, 0)
+        params.append(jax.tree.leaves(jax.device_get(state.params)))
+    assert not all(np.allclose(a, b) for a, b in zip(*params, strict=True))
+
+
 def test_predict_handles_a_ragged_last_batch(tiny_config, tiny_data):
     run = setup_run(tiny_config, tiny_data)
     state, images = run.state, tiny_data.test_images[:13]
