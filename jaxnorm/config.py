@@ -202,6 +202,14 @@ class Config:
         the training files), else "test"."""
         return "validation" if self.train_split else "test"
 
+    def augmentations(self) -> list[str]:
+        """The training-time augmentations this config turns on, in the order they apply, as reports name
+        them; empty: the training batches are the images as they are."""
+        flips = "alternating flips" if self.alternate_flips else "flips"
+        return [a for a, on in ((flips, self.flip), (f"rotations up to {self.rotate:g} degrees", self.rotate),
+                                (f"pad-{self.crop_padding} crops", self.crop),
+                                (f"{self.cutout}x{self.cutout} cutout", self.cutout)) if on]
+
     def recipe(self, *, lr_scaled_with_batch: bool = False) -> str:
         """The training recipe in one line, for reports. `lr_scaled_with_batch`: the recipe of a batch-size
         sweep, "batch B" and the learning rate scaled linearly from this config's batch."""
@@ -210,11 +218,6 @@ class Config:
         else:
             warmup = f"{self.warmup_epochs:g}-epoch linear warm-up, then " if self.warmup_epochs else ""
             schedule = f"{warmup}{self.schedule} decay to 0"
-        flips = "alternating flips" if self.alternate_flips else "flips"
-        augment = [a for a, on in ((flips, self.flip), (f"rotations up to {self.rotate:g} degrees",
-                                                          self.rotate),
-                                   (f"pad-{self.crop_padding} crops", self.crop),
-                                   (f"{self.cutout}x{self.cutout} cutout", self.cutout)) if on]
         batch, lr = f"batch {self.batch_size}", f"lr {self.lr:g}"
         if lr_scaled_with_batch:
             batch, lr = "batch B", f"lr {self.lr:g} x B / {self.batch_size}"
@@ -223,7 +226,7 @@ class Config:
         parts = [batch, f"{self.epochs} epochs",
                  f"SGD {'Nesterov ' if self.nesterov else ''}momentum {self.momentum:g}",
                  f"{lr} ({schedule})", decay, f"dropout {self.dropout:g}",
-                 ", ".join(augment) or "no augmentation"]
+                 ", ".join(self.augmentations()) or "no augmentation"]
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
         parts += [f"weight moving average {self.ema_decay:g} for evaluation"] if self.ema_decay else []
         parts += ["weight standardisation"] if self.weight_standardization else []

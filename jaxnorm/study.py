@@ -192,7 +192,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     # Each norm's recipe: one line when they agree, else one per norm.
     recipes = {norm: c.recipe() for norm, c in configs.items()}
     shared = len(set(recipes.values())) == 1
-    as_trained = {norm: ("augmented" if c.flip or c.crop or c.rotate or c.cutout else "not augmented")
+    as_trained = {norm: ("augmented" if c.augmentations() else "not augmented")
                   + (", with dropout" if c.dropout else "") for norm, c in configs.items()}
     as_trained = (next(iter(as_trained.values())) if len(set(as_trained.values())) == 1 else
                   "; ".join(f"{norm}: {text}" for norm, text in as_trained.items()))

@@ -85,7 +85,7 @@ def train_step_fn(config: Config, mesh) -> Callable:
         y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
         aug_key, dropout_key = jax.random.split(_step_key(config, 1, state.step))
         flip_mask = None
-        if config.flip and config.alternate_flips:
+        if config.alternate_flips:  # Config.validate refuses it without --flip
             epoch = state.step // order.shape[0]  # order: (steps per epoch, batch)
             flip_mask = alternating_flips(_step_key(config, 2, 0), images.shape[0], idx, epoch)
         x = augment(x, aug_key, flip=config.flip, flip_mask=flip_mask, rotate_degrees=config.rotate,
