@@ -119,6 +119,8 @@ class Config:
     transition_width: int = knob(16, "channels of the 1x1 transitions (overrides --preset)", role=IDENTITY)
     dropout: float = knob(0.0, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
+    relu_before_norm: bool = knob(False, "order each block conv -> ReLU -> norm instead of conv -> norm -> "
+                                  "ReLU; no parameters added", role=IDENTITY)
     weight_standardization: bool = knob(
         False, "standardise the kernel of every conv that feeds a norm layer (per output channel: zero mean, "
         "unit variance; Qiao et al. 2019); no parameters added", role=IDENTITY)

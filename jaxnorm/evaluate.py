@@ -272,9 +272,11 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
 
 def variants(config: Config) -> list[tuple[str, str]]:
     """(label, folder suffix) for each way a run differs from the plain network, in a fixed order:
-    [("skip connections", "skip"), ("weight standardisation", "ws"), ("L1 1e-05", "l1_1e-05")]."""
+    [("skip connections", "skip"), ("ReLU before the norm", "relu-first"), ("weight standardisation", "ws"),
+    ("L1 1e-05", "l1_1e-05")]."""
     return [(label, suffix) for on, label, suffix in (
         (config.skip, "skip connections", "skip"),
+        (config.relu_before_norm, "ReLU before the norm", "relu-first"),
         (config.weight_standardization, "weight standardisation", "ws"),
         (config.l1, f"L1 {config.l1:g}", f"l1_{config.l1:g}")) if on]
 

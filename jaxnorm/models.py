@@ -1,7 +1,8 @@
 """The two networks, built from their layer tables in `jaxnorm.networks`, with the norm chosen once by
 name and injected, and the layers chosen once for the platform; and the model summary table.
 
-CifarCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout; 1x1 transitions
+CifarCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout (ReLU first with
+--relu-before-norm); 1x1 transitions
 before 2x2 max pooling; global average pooling and a 1x1 conv to the logits. 34,872 parameters.
 
 MnistNet (MNIST): convs with bias, each but the last followed by norm, ReLU and channel dropout (whole
@@ -100,7 +101,8 @@ class _LayerNet(nn.Module):
                 y = conv(layer.features, (k, k), padding=layer.padding, use_bias=self.use_bias, dtype=dtype,
                          name=layer.name)(x)
                 if layer.kind == "block":
-                    y = nn.relu(norm(name=f"{layer.name}_norm")(y))
+                    block_norm = norm(name=f"{layer.name}_norm")
+                    y = block_norm(nn.relu(y)) if c.relu_before_norm else nn.relu(block_norm(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),
                                    deterministic=not train)(y)
                     if c.skip and x.shape == y.shape:

@@ -3,7 +3,8 @@ from here: the forward pass (`models.py`), the GroupNorm divisibility check (`Co
 the receptive-field table. No JAX here, so the config can use it without building anything.
 
 Layer kinds:
-  block     conv -> norm -> ReLU -> dropout (+ the input, with --skip, where the shapes allow)
+  block     conv -> norm -> ReLU -> dropout (+ the input, with --skip, where the shapes allow; ReLU before
+            the norm with --relu-before-norm)
   conv      a conv alone (the 1x1 transitions and the classifier)
   max_pool  kernel x kernel max pooling with stride `stride`
   avg_pool  global average pooling (kernel None: the whole map)

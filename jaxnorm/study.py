@@ -31,7 +31,8 @@ STUDY_IDENTITY = tuple(f for f in Config.fields_with_role(IDENTITY, RECIPE) if f
 
 def run_variant(config: Config) -> str:
     """The suffix that keeps a variant's run folders and report files apart from the plain network's:
-    "", "-skip", "-ws" (weight standardisation), "-l1_1e-05", or a combination in that order."""
+    "", "-skip", "-relu-first", "-ws" (weight standardisation), "-l1_1e-05", or a combination in that
+    order."""
     return "".join(f"-{suffix}" for _, suffix in variants(config))
 
 

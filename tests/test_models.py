@@ -30,6 +30,26 @@ def test_skip_connections_keep_the_parameter_count_and_change_the_output():
     assert not np.allclose(plain.apply(variables, x), skip.apply(variables, x))
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_relu_before_norm_reorders_each_block_with_the_same_parameters(norm):
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), maxval=255)
+    plain = build_model(Config(norm=norm))
+    relu_first = build_model(Config(norm=norm, relu_before_norm=True))
+    variables = init_variables(plain, (32, 32, 3))
+    assert jax.tree_util.tree_structure(init_variables(relu_first, (32, 32, 3))) == \
+        jax.tree_util.tree_structure(variables)
+
+    def train_mode(model):  # logits and what C1's block hands on (its dropout is the identity at rate 0)
+        logits, state = model.apply(variables, x, train=True, mutable=["intermediates", "batch_stats"],
+                                    capture_intermediates=lambda m, _: m.name == "Dropout_0")
+        return logits, state["intermediates"]["Dropout_0"]["__call__"][0]
+
+    (plain_logits, plain_block), (relu_first_logits, relu_first_block) = map(train_mode, (plain, relu_first))
+    # conv -> norm -> ReLU ends at a ReLU; conv -> ReLU -> norm ends at the norm's centred output.
+    assert float(plain_block.min()) == 0.0 and float(relu_first_block.min()) < 0.0
+    assert not np.allclose(plain_logits, relu_first_logits)
+
+
 @pytest.mark.parametrize("layer_set", ["cpu", "flax"])
 def test_weight_standardization_is_the_plain_network_on_standardised_block_kernels(layer_set):
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), maxval=255)
