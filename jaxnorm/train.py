@@ -41,7 +41,7 @@ from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like, check_writable_workdir
 from jaxnorm.config import IDENTITY, Config, ConfigError
 from jaxnorm.data import Dataset, alternating_flips, augment, first_train_images, load_dataset
-from jaxnorm.evaluate import format_summary, logit_metrics, make_predict, summarize
+from jaxnorm.evaluate import format_summary, logit_metrics, make_predict, network_name, summarize
 from jaxnorm.models import build_model, count_params, l1_penalty, model_summary
 from jaxnorm.runlock import holding_run_lock
 from jaxnorm.state import TrainState, create_train_state, learning_rate_schedule
@@ -340,9 +340,9 @@ def _start_or_resume(config: Config, workdir: Path, dataset: Dataset, checkpoint
             write_json(workdir / "metrics.json", history)
         where = f" + {len(partial['losses'])}/{steps_per_epoch} steps" if partial else ""
         print(f"resumed {workdir} at step {int(state.step)} (epoch {len(history)}{where})")
-    print(f"{config.norm} | {num_params:,} parameters | {num_train} train / {len(dataset.test_images)} test "
-          f"images from {dataset.source} | {parallel.describe_devices(mesh)} "
-          f"| layers: {model.layer_description}")
+    print(f"{network_name(config)} | {num_params:,} parameters | {num_train} train / "
+          f"{len(dataset.test_images)} test images from {dataset.source} | "
+          f"{parallel.describe_devices(mesh)} | layers: {model.layer_description}")
     print(f"recipe: {config.recipe()}")  # a norm may have its own (config.NORM_DEFAULTS)
     meta = {"config": config.to_dict(), "input_mean": setup.input_mean, "input_std": setup.input_std,
             "num_params": num_params, "class_names": list(dataset.class_names),

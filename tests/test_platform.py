@@ -116,7 +116,7 @@ def test_a_cpu_host_still_gets_the_malloc_setting(host):
 
 def test_a_run_trained_with_the_cpu_layers_evaluates_with_flaxs(host, tiny_data, tiny_config, tmp_path,
                                                                  capsys):
-    from jaxnorm.evaluate import evaluate_run, restore_run
+    from jaxnorm.evaluate import evaluate_run, network_name, restore_run
     from jaxnorm.train import train_and_evaluate
 
     host.setenv("JAXNORM_LAYERS", "cpu")
@@ -124,6 +124,7 @@ def test_a_run_trained_with_the_cpu_layers_evaluates_with_flaxs(host, tiny_data,
     history = train_and_evaluate(config, tmp_path / "run", dataset=tiny_data, progress=False)["history"]
     out = capsys.readouterr().out
     assert f"| layers: {CPU_TUNED}" in out  # the run's first lines say which
+    assert f"\n{network_name(config)} | " in out and network_name(config).startswith("GroupNorm (")
     assert f"\nrecipe: {config.recipe()}\n" in out  # and how it trains
     host.setenv("JAXNORM_LAYERS", "flax")
     run = restore_run(tmp_path / "run")  # the final checkpoint
