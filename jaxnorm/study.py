@@ -188,7 +188,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     where = ("validation images held out of the training files (--train-split), not the test set"
              if split == "validation" else "the plain test images (no test-time augmentation)")
     plural = "s" if len(seeds) > 1 else ""
-    skip = " + skip connections" if config.skip else ""  # L1 is named by the recipe
+    # The network's own variants; weight standardisation and L1 are named by the recipe.
+    shape = "".join(f" + {label}" for label, suffix in variants(config) if suffix in ("skip", "relu-first"))
     groups = f", GroupNorm in {configs['gn'].groups} groups" if "gn" in configs else ""
     # Each norm's recipe: one line when they agree, else one per norm.
     recipes = {norm: c.recipe() for norm, c in configs.items()}
@@ -198,7 +199,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     as_trained = (next(iter(as_trained.values())) if len(set(as_trained.values())) == 1 else
                   "; ".join(f"{norm}: {text}" for norm, text in as_trained.items()))
     recipe = config.recipe() if shared else "each norm with its own recipe (below)"
-    lines += [f"{net}{skip}{groups}; {recipe}; "
+    lines += [f"{net}{shape}{groups}; {recipe}; "
               f"seed{plural} {', '.join(map(str, seeds))} "
               f"({len(seeds)} run{plural} per norm). Accuracies of the final checkpoint"
               + (": mean ± sample standard deviation over the seeds" if len(seeds) > 1 else "") + ". Train "

@@ -211,7 +211,8 @@ def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp
                    source="cifar-10-jpeg.tar.gz", copy="JPEG")
     history = [{"epoch": 1, "train_accuracy": 0.5, "test_accuracy": 0.6, "train_loss": 1.0, "test_loss": 1.0,
                 "seconds": 2.0}]
-    config = Config(schedule="linear", warmup_epochs=1, nesterov=True, dropout=0.0, lr=0.1, crop=True)
+    config = Config(schedule="linear", warmup_epochs=1, nesterov=True, dropout=0.0, lr=0.1, crop=True,
+                    relu_before_norm=True)
     records = {"ln": [{"config": config.replace(norm="ln", seed=s).to_dict(), "num_params": 34872,
                        "history": history, "train": {"accuracy": 0.5}, "test_flip_average": {"accuracy": a}}
                       for s, a in ((0, .7), (1, .8))]}
@@ -220,6 +221,9 @@ def test_study_report_adds_flip_averaged_test_accuracy_when_every_run_has_it(tmp
     assert "SGD Nesterov momentum 0.9, lr 0.1 (1-epoch linear warm-up, then linear decay to 0)" in text
     assert "weight decay 0.0005, dropout 0, flips, pad-4 crops" in text
     assert "| final test, flip-averaged |" in text and "| 75.00% ± 7.07% |" in text
+    # The network variant: in the heading and in the network's description.
+    assert text.startswith("# Normalisation study (ReLU before the norm)\n")
+    assert "CNN (width 24/16) + ReLU before the norm; " in text
 
 
 def test_study_of_validation_runs_says_validation_and_chooses_best_on_it(tmp_path):
@@ -275,16 +279,17 @@ def test_titles_name_the_variant():
     assert network_name(Config(norm="gn", skip=True)) == "GroupNorm (8 groups) + skip connections"
     assert (network_name(Config(norm="gn", weight_standardization=True))
             == "GroupNorm (8 groups) + weight standardisation")
+    assert network_name(Config(norm="ln", relu_before_norm=True)) == "LayerNorm + ReLU before the norm"
 
 
 def test_each_variant_gets_its_own_run_folders():
     from jaxnorm.study import run_variant
 
     variants = [Config(), Config(skip=True), Config(weight_standardization=True), Config(l1=1e-5),
-                Config(skip=True, weight_standardization=True)]
+                Config(skip=True, weight_standardization=True), Config(relu_before_norm=True)]
     suffixes = [run_variant(config) for config in variants]
     assert suffixes[0] == "" and len(set(suffixes)) == len(suffixes), suffixes
-    assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05"
+    assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05" and suffixes[5] == "-relu-first"
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
