@@ -270,13 +270,18 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
     return "\n".join(lines)
 
 
-def variants(config: Config) -> list[tuple[str, str]]:
-    """(label, folder suffix) for each way a run differs from the plain network, in a fixed order:
-    [("skip connections", "skip"), ("ReLU before the norm", "relu-first"), ("weight standardisation", "ws"),
-    ("L1 1e-05", "l1_1e-05")]."""
+def network_variants(config: Config) -> list[tuple[str, str]]:
+    """(label, folder suffix) of the variants that change the network's layers, which the recipe line
+    does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first")]."""
     return [(label, suffix) for on, label, suffix in (
         (config.skip, "skip connections", "skip"),
-        (config.relu_before_norm, "ReLU before the norm", "relu-first"),
+        (config.relu_before_norm, "ReLU before the norm", "relu-first")) if on]
+
+
+def variants(config: Config) -> list[tuple[str, str]]:
+    """(label, folder suffix) for each way a run differs from the plain network, in a fixed order: the
+    network's own variants, then weight standardisation ("ws") and L1 ("l1_1e-05")."""
+    return network_variants(config) + [(label, suffix) for on, label, suffix in (
         (config.weight_standardization, "weight standardisation", "ws"),
         (config.l1, f"L1 {config.l1:g}", f"l1_{config.l1:g}")) if on]
 

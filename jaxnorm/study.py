@@ -18,7 +18,7 @@ import numpy as np
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import IDENTITY, NORM_NAMES, RECIPE, Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
-from jaxnorm.evaluate import network_name, reading_checkpoints, variant_parts, variants
+from jaxnorm.evaluate import network_name, network_variants, reading_checkpoints, variant_parts, variants
 from jaxnorm.figures import plot_curves
 from jaxnorm.train import train_and_evaluate
 
@@ -188,8 +188,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     where = ("validation images held out of the training files (--train-split), not the test set"
              if split == "validation" else "the plain test images (no test-time augmentation)")
     plural = "s" if len(seeds) > 1 else ""
-    # The network's own variants; weight standardisation and L1 are named by the recipe.
-    shape = "".join(f" + {label}" for label, suffix in variants(config) if suffix in ("skip", "relu-first"))
+    shape = "".join(f" + {label}" for label, _ in network_variants(config))  # the recipe names the rest
     groups = f", GroupNorm in {configs['gn'].groups} groups" if "gn" in configs else ""
     # Each norm's recipe: one line when they agree, else one per norm.
     recipes = {norm: c.recipe() for norm, c in configs.items()}
