@@ -11,7 +11,8 @@ from jaxnorm.config import ConfigError
 from jaxnorm.models import build_model, model_summary
 from jaxnorm.networks import format_receptive_field, receptive_field
 
-MODEL_FIELDS = ("norm", "groups", "width", "transition_width", "skip", "dataset")
+MODEL_FIELDS = ("norm", "groups", "width", "transition_width", "skip", "relu_before_norm",
+                "weight_standardization", "dataset")
 
 
 def parse_args(argv=None):
