@@ -59,6 +59,13 @@ def test_summary_table_counts_the_parameters_of_the_model():
     assert count_params(variables["params"]) == 34_872
 
 
+def test_summary_script_takes_every_option_that_changes_the_network():
+    result = run_script("summary.py", "--norm", "gn", "--skip", "--relu-before-norm",
+                        "--weight-standardization")
+    assert result.returncode == 0, result.stderr
+    assert "34,872" in result.stdout and "C1_norm    GroupNorm" in result.stdout  # none adds a parameter
+
+
 def test_classification_metrics_match_a_direct_computation():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(50, 4)), rng.integers(0, 4, 50)
