@@ -59,7 +59,7 @@ def test_summary_table_counts_the_parameters_of_the_model():
     assert count_params(variables["params"]) == 34_872
 
 
-def test_summary_script_takes_every_option_that_changes_the_network():
+def test_summary_script_takes_the_network_variant_options():
     result = run_script("summary.py", "--norm", "gn", "--skip", "--relu-before-norm",
                         "--weight-standardization")
     assert result.returncode == 0, result.stderr
