@@ -27,6 +27,7 @@ NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}
 SCHEDULES = ("step", "linear", "cosine")
 DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 PRECISIONS = ("f32", "bf16")
+FIRST_CONVS = ("random", "whitened", "whitened-frozen")
 
 # Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the reference
 # implementations' 15 epochs, batch 64 and lr 0.05, with the CIFAR-10 schedule and no dropout (chosen
@@ -124,6 +125,11 @@ class Config:
     weight_standardization: bool = knob(
         False, "standardise the kernel of every conv that feeds a norm layer (per output channel: zero mean, "
         "unit variance; Qiao et al. 2019); no parameters added", role=IDENTITY)
+    first_conv: str = knob(
+        "random", "the first conv's initial kernel: random (Flax's default); whitened: the training "
+        "images' patches whitened (the top eigenvectors of their covariance, each with its negative, as "
+        "airbench's first layer); whitened-frozen: whitened and never trained", role=IDENTITY,
+        choices=FIRST_CONVS)
     # Data.
     dataset: str = knob("cifar10", "cifar10: the CIFAR-10 CNN; mnist: the 10,224-parameter MNIST net, no "
                         "flips; folder: the CIFAR-10 CNN on the image folder --data-dir, one class per "
@@ -232,6 +238,7 @@ class Config:
         parts += [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
         parts += [f"weight moving average {self.ema_decay:g} for evaluation"] if self.ema_decay else []
         parts += ["weight standardisation"] if self.weight_standardization else []
+        parts += [f"{self.first_conv} first conv"] if self.first_conv != "random" else []
         parts += ["bfloat16 compute"] if self.precision == "bf16" else []
         parts += [f"L1 {self.l1:g}"] if self.l1 else []
         return ", ".join(parts)

@@ -158,6 +158,30 @@ def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) 
     return init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32))
 
 
+def whitening_kernel(images: np.ndarray, input_mean, input_std, kernel: int, features: int,
+                     eps: float = 5e-4) -> np.ndarray:
+    """A (kernel, kernel, C, features) conv kernel that whitens the images' kernel x kernel patches, as
+    airbench's first layer: the top features/2 eigenvectors of the patch covariance, each divided by the
+    square root of its eigenvalue (+ eps), and their negatives (a ReLU follows, which would keep only
+    one sign of each). `images`: (N, H, W, C) in [0, 255], normalised here as the model normalises them."""
+    x = (images.astype(np.float64) / 255.0 - np.asarray(input_mean)) / np.asarray(input_std)
+    dim = kernel * kernel * x.shape[-1]
+    moments, count = np.zeros((dim, dim)), 0
+    for chunk in np.array_split(x, -(-len(x) // 500)):  # (n, H', W', C, k, k) -> (n H' W', k k C)
+        patches = np.lib.stride_tricks.sliding_window_view(chunk, (kernel, kernel), axis=(1, 2))
+        patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)
+        moments, count = moments + patches.T @ patches, count + len(patches)
+    covariance = moments / count  # about centred already: the channels are normalised to mean 0
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
+    top = -(-features // 2)
+    if top > dim:
+        raise ConfigError(f"a whitened first conv has at most {2 * dim} channels ({dim} patch dimensions, "
+                          f"each with its negative), not {features}")
+    filters = eigenvectors[:, ::-1][:, :top] / np.sqrt(eigenvalues[::-1][:top] + eps)
+    filters = np.concatenate([filters, -filters], axis=1)[:, :features]
+    return filters.reshape(kernel, kernel, x.shape[-1], features).astype(np.float32)
+
+
 def count_params(params) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 

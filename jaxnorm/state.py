@@ -7,11 +7,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
 from jaxnorm.config import Config
-from jaxnorm.models import init_variables, is_conv_kernel
+from jaxnorm.models import init_variables, is_conv_kernel, whitening_kernel
 
 
 class TrainState(train_state.TrainState):
@@ -67,14 +68,30 @@ def conv_kernels(params) -> Any:
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     # Weight decay added to the gradient before momentum, as torch.optim.SGD(weight_decay=...).
     mask = None if config.decay_scales_and_biases else conv_kernels
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
-                       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
-                                 nesterov=config.nesterov),
-                       *([weight_average(config.ema_decay)] if config.ema_decay else []))
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
+                     optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                               nesterov=config.nesterov))
+    if config.first_conv == "whitened-frozen":  # the first conv's kernel gets no update, not even decay
+        first = config.layers()[0].name
+        def label(path, _):
+            return "frozen" if path[0].key == first and is_conv_kernel(path) else "train"
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: jax.tree_util.tree_map_with_path(label, params))
+    return optax.chain(tx, weight_average(config.ema_decay)) if config.ema_decay else tx
 
 
-def create_train_state(model: nn.Module, config: Config, image_shape, steps_per_epoch: int) -> TrainState:
+def create_train_state(model: nn.Module, config: Config, image_shape, steps_per_epoch: int,
+                       train_images=None) -> TrainState:
+    """The initial state of seed `config.seed`. `train_images` (N, H, W, C): the images that a whitened
+    first conv (--first-conv) whitens; without them the kernel stays random (enough for a restore's
+    template, whose values a checkpoint replaces)."""
     variables = init_variables(model, image_shape, seed=config.seed)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+    params = variables["params"]
+    if config.first_conv != "random" and train_images is not None:
+        first = config.layers()[0]
+        kernel = whitening_kernel(np.asarray(train_images[:5000]), model.input_mean, model.input_std,
+                                  first.kernel, first.features)
+        params = {**params, first.name: {**params[first.name], "kernel": jnp.asarray(kernel)}}
+    return TrainState.create(apply_fn=model.apply, params=params,
                              batch_stats=variables.get("batch_stats", {}),
                              tx=make_optimizer(config, steps_per_epoch))

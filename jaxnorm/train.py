@@ -236,7 +236,7 @@ def setup_run(config: Config, dataset: Dataset) -> RunSetup:
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     input_mean, input_std = dataset.channel_stats()
     model = build_model(config, input_mean, input_std, num_classes=len(dataset.class_names))
-    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch)
+    state = create_train_state(model, config, dataset.image_shape, steps_per_epoch, dataset.train_images)
     return RunSetup(mesh, model, jax.device_put(state, parallel.replicated(mesh)),
                     images=parallel.put_replicated(dataset.train_images, mesh),
                     labels=parallel.put_replicated(dataset.train_labels, mesh),

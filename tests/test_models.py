@@ -5,7 +5,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxnorm.config import WIDTH_PRESETS, Config, ConfigError
-from jaxnorm.models import build_model, count_params, init_variables
+from jaxnorm.models import build_model, count_params, init_variables, whitening_kernel
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
@@ -76,6 +76,26 @@ def test_weight_standardization_is_the_plain_network_on_standardised_block_kerne
     # Gradients reach the raw kernels through the standardisation: none is zero.
     grads = jax.grad(lambda p: ws.apply({"params": p}, x).sum())(variables["params"])
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_whitening_kernel_decorrelates_the_patches_and_adds_each_filters_negative():
+    # Smooth random images: neighbouring pixels and the channels are strongly correlated.
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(200, 18, 18, 3))
+    smooth = sum(noise[:, i:i + 16, j:j + 16] for i in range(3) for j in range(3)) + noise[:, :16, :16, :1]
+    images = np.clip(128 + 20 * smooth, 0, 255).astype(np.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)
+    kernel = whitening_kernel(images, mean, std, kernel=3, features=9)
+    assert kernel.shape == (3, 3, 3, 9)
+    x = (images / 255.0 - np.asarray(mean)) / np.asarray(std)
+    out = jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float32), jnp.asarray(kernel), (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = np.asarray(out).reshape(-1, 9)
+    covariance = out[:, :5].T @ out[:, :5] / len(out)  # the top 5 eigen-directions and 4 negatives
+    np.testing.assert_allclose(covariance, np.eye(5), atol=0.02)  # eps is small against these eigenvalues
+    np.testing.assert_allclose(kernel[..., 5:], -kernel[..., :4])
+    with pytest.raises(ConfigError, match="at most 54 channels"):
+        whitening_kernel(images, mean, std, kernel=3, features=56)
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])

@@ -204,6 +204,35 @@ def test_weight_average_follows_its_recurrence_and_is_what_evaluation_uses(tiny_
         assert np.allclose(logits, direct, atol=1e-5) is same
 
 
+@pytest.mark.parametrize("first_conv", ["whitened", "whitened-frozen"])
+def test_a_whitened_first_conv_starts_whitened_and_trains_only_unfrozen(first_conv, tiny_config, tiny_data):
+    import jax
+
+    from jaxnorm.models import whitening_kernel
+
+    config = tiny_config.replace(first_conv=first_conv, warmup_epochs=0)
+    run = setup_run(config, tiny_data)
+    whitened = whitening_kernel(tiny_data.train_images, run.input_mean, run.input_std, 3, config.width)
+    np.testing.assert_allclose(run.state.params["C1"]["kernel"], whitened, rtol=1e-6)
+    before = jax.device_get(run.state.params)  # the step donates the state
+    step, order = compiled_train_step(config, run.mesh), np.arange(16, dtype=np.int32)[None]
+    state, _ = step(run.state, run.images, run.labels, order, 0)
+    frozen = first_conv == "whitened-frozen"
+    assert np.array_equal(state.params["C1"]["kernel"], before["C1"]["kernel"]) is frozen
+    assert not np.array_equal(state.params["C2"]["kernel"], before["C2"]["kernel"])
+    assert f"{first_conv} first conv" in config.recipe()
+
+
+def test_resume_of_a_frozen_first_conv_is_exact(tiny_config, tiny_data, tmp_path):
+    config = tiny_config.replace(first_conv="whitened-frozen")
+    straight = train_and_evaluate(config, tmp_path / "straight", dataset=tiny_data, progress=False)
+    train_and_evaluate(config.replace(epochs=1), tmp_path / "resumed", dataset=tiny_data, progress=False)
+    resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_data, progress=False)
+    last, resumed_last = straight["history"][-1], resumed["history"][-1]
+    assert resumed_last["test_accuracy"] == last["test_accuracy"]
+    assert resumed_last["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+
+
 def test_resume_with_a_weight_average_is_exact_and_cannot_switch_it(tiny_config, tiny_data, tmp_path):
     config = tiny_config.replace(epochs=2, schedule="step", ema_decay=0.9)
     straight = train_and_evaluate(config, tmp_path / "straight", dataset=tiny_data, progress=False)
