@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -280,9 +281,11 @@ def network_variants(config: Config) -> list[tuple[str, str]]:
 
 def variants(config: Config) -> list[tuple[str, str]]:
     """(label, folder suffix) for each way a run differs from the plain network, in a fixed order: the
-    network's own variants, then weight standardisation ("ws") and L1 ("l1_1e-05")."""
+    network's own variants, then weight standardisation ("ws"), a whitened first conv ("whitened",
+    "whitened-frozen") and L1 ("l1_1e-05")."""
     return network_variants(config) + [(label, suffix) for on, label, suffix in (
         (config.weight_standardization, "weight standardisation", "ws"),
+        (config.first_conv != "random", f"{config.first_conv} first conv", config.first_conv),
         (config.l1, f"L1 {config.l1:g}", f"l1_{config.l1:g}")) if on]
 
 
@@ -329,3 +332,20 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
               "history": run.history}
     write_json(run.workdir / "evaluation.json", record)
     return record
+
+
+def run_report(workdir: str | Path, dataset: Dataset) -> dict:
+    """The evaluation record of the run's final checkpoint: its evaluation.json where that is of the
+    latest checkpoint on the same data (a report regenerated from finished runs reads them rather than
+    re-evaluating each, and leaves their files as they are), else `write_run_report`."""
+    workdir = Path(workdir)
+    with reading_checkpoints(workdir) as checkpoints:
+        latest = checkpoints.latest_step()
+    try:
+        record = json.loads((workdir / "evaluation.json").read_text())
+    except (OSError, ValueError):
+        record = None
+    same_run = isinstance(record, dict) and record.get("step") == latest
+    if same_run and record.get("data_source") == dataset.source and (workdir / "misclassified.png").exists():
+        return record
+    return write_run_report(restore_run(workdir), dataset)

@@ -36,8 +36,13 @@ def run_variant(config: Config) -> str:
     return "".join(f"-{suffix}" for _, suffix in variants(config))
 
 
+# Options that change how a report is made, not what it says: left out of its "produced by" command.
+PRESENTATION_ONLY = ("--no-progress", "--reevaluate", "--report-only")
+
+
 def report_command(script_file: str, argv: Sequence[str]) -> str:
     """The command that produced a report, as the report prints it: `python scripts/<name> <argv>`."""
+    argv = [a for a in argv if a not in PRESENTATION_ONLY]
     return shlex.join(["python", f"scripts/{Path(script_file).name}", *argv])
 
 

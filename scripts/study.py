@@ -4,13 +4,14 @@
     python scripts/study.py --data-dir ../shared/data/cifar10-subset/cifar-10-binary.tar.gz  # 5,085 images
     python scripts/study.py --dataset synthetic --epochs 1 --seeds 0 --preset narrow  # smoke test
 
-Every training option of scripts/train.py applies to all runs (--norm and --seed are --norms and
---seeds here). Runs live in <runs>/<norm>[-skip][-ws][-l1_X]-s<seed> (default runs:
-checkpoints/study/<dataset name>); a finished run is reused, an unfinished one resumed (also after
-Ctrl-C: run the same command again). Every figure is of the final checkpoints. Writes <out>/study.md,
-<out>/curves.png and <out>/misclassified-<norm>.png (default out: results/<dataset name>). With
---train-split the runs are evaluated on validation images held out of the training files, and the
-report says "validation".
+Every training option of scripts/train.py applies to all runs (--norm and --seed are --norms and --seeds
+here). Runs live in <runs>/<norm><variant>-s<seed>, the variant as -skip, -relu-first, -ws, -whitened or
+-l1_X (default runs: checkpoints/study/<dataset name>); a finished run is reused, an unfinished one
+resumed (also after Ctrl-C: run the same command again). Every figure is of the final checkpoints; a
+run's evaluation.json is reused while its final checkpoint is the same (--reevaluate: evaluate each run
+anew). Writes <out>/study.md, <out>/curves.png and <out>/misclassified-<norm>.png (default out:
+results/<dataset name>). With --train-split the runs are evaluated on validation images held out of the
+training files, and the report says "validation".
 """
 
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
 from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
-from jaxnorm.evaluate import restore_run, write_run_report
+from jaxnorm.evaluate import restore_run, run_report, write_run_report
 from jaxnorm.runlock import RunLock
 from jaxnorm.study import dataset_name, report_command, run_variant, train_or_reuse, write_study
 
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     s.add_argument("--runs", help="folder of the run folders (default checkpoints/study/<dataset name>)")
     s.add_argument("--out", help="report folder (default results/<dataset name>)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--reevaluate", action="store_true", help="evaluate every run again (default: a run's "
+                   "evaluation.json of its final checkpoint on this data is reused)")
     add_config_options(p, exclude=("norm", "seed"))
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -62,7 +65,9 @@ def main(argv=None):
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             # The report is written into the run folder: not while another process trains it.
             with RunLock(workdir):
-                records.setdefault(norm, []).append(write_run_report(restore_run(workdir), dataset))
+                record = (write_run_report(restore_run(workdir), dataset) if args.reevaluate else
+                          run_report(workdir, dataset))
+                records.setdefault(norm, []).append(record)
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
     path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,

@@ -103,7 +103,7 @@ def main(argv=None):
     done = {(r["norm"], r["batch_size"], r["seed"]) for r in records}
     missing = [f"{norm}-b{b}-s{seed}" for seed in args.seeds for b in args.batch_sizes for norm in args.norms
                if (norm, b, seed) not in done]
-    command = report_command(__file__, [a for a in sys.argv[1:] if a != "--report-only"])
+    command = report_command(__file__, sys.argv[1:])
     path = write_sweep(records, out, data=data, base=base, command=command, label=label,
                        fixed_steps_records=fixed, missing=missing)
     print(f"wrote {path}")

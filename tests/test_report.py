@@ -163,6 +163,20 @@ def test_run_report_writes_its_files(trained_run):
         assert c["true"] != c["predicted"] and data.test_labels[c["index"]] == c["true"]
 
 
+def test_a_run_report_is_reused_while_its_final_checkpoint_and_data_are_the_same(trained_run):
+    from jaxnorm.evaluate import run_report
+
+    workdir, data, _ = trained_run
+    first = run_report(workdir, data)  # no evaluation.json yet: evaluated
+    path = workdir / "evaluation.json"
+    written = path.stat().st_mtime_ns
+    assert run_report(workdir, data) == json.loads(path.read_text()) and path.stat().st_mtime_ns == written
+    path.write_text(json.dumps({**first, "step": first["step"] - 1}))  # of an earlier checkpoint
+    assert run_report(workdir, data)["step"] == first["step"]
+    other = dataclasses.replace(data, source="other images")
+    assert run_report(workdir, other)["data_source"] == "other images"
+
+
 def test_restore_of_a_folder_without_checkpoints_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints"):
         restore_run(tmp_path)
@@ -293,10 +307,12 @@ def test_each_variant_gets_its_own_run_folders():
     from jaxnorm.study import run_variant
 
     variants = [Config(), Config(skip=True), Config(weight_standardization=True), Config(l1=1e-5),
-                Config(skip=True, weight_standardization=True), Config(relu_before_norm=True)]
+                Config(skip=True, weight_standardization=True), Config(relu_before_norm=True),
+                Config(first_conv="whitened"), Config(first_conv="whitened-frozen")]
     suffixes = [run_variant(config) for config in variants]
     assert suffixes[0] == "" and len(set(suffixes)) == len(suffixes), suffixes
     assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05" and suffixes[5] == "-relu-first"
+    assert suffixes[6] == "-whitened" and suffixes[7] == "-whitened-frozen"
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
@@ -445,3 +461,11 @@ def test_prediction_dispatches_its_batches_through_the_queue_limit(trained_run, 
     got = make_predict(run.mesh, 4)(run.state, data.test_images)
     assert len(through) == -(-len(data.test_images) // 4) > parallel.MAX_CALLS_IN_FLIGHT
     np.testing.assert_array_equal(got, np.concatenate(through)[:len(got)])
+
+
+def test_the_produced_by_command_leaves_out_presentation_options():
+    from jaxnorm.study import report_command
+
+    argv = ["--seeds", "0", "1", "--no-progress", "--reevaluate", "--runs", "my runs"]
+    expected = "python scripts/study.py --seeds 0 1 --runs 'my runs'"
+    assert report_command("/x/scripts/study.py", argv) == expected
