@@ -334,11 +334,13 @@ def write_run_report(run: RestoredRun, dataset: Dataset, *, rows: int = 5, cols:
     return record
 
 
-def run_report(workdir: str | Path, dataset: Dataset) -> dict:
-    """The evaluation record of the run's final checkpoint: its evaluation.json where that is of the
-    latest checkpoint on the same data (a report regenerated from finished runs reads them rather than
-    re-evaluating each, and leaves their files as they are), else `write_run_report`."""
+def run_report(workdir: str | Path, dataset: Dataset, *, reuse: bool = True) -> dict:
+    """The evaluation record of the run's final checkpoint: with `reuse`, its evaluation.json where that
+    is of the latest checkpoint on the same data (a report regenerated from finished runs reads them
+    rather than re-evaluating each, and leaves their files as they are), else `write_run_report`."""
     workdir = Path(workdir)
+    if not reuse:
+        return write_run_report(restore_run(workdir), dataset)
     with reading_checkpoints(workdir) as checkpoints:
         latest = checkpoints.latest_step()
     try:

@@ -63,6 +63,12 @@ def standardize_kernels(variables: dict) -> dict:
     return jax.tree_util.tree_map(standardize, variables)
 
 
+def normalise_input(images, mean, std):
+    """Images in [0, 255] to the network's input: each channel less the training set's mean, over its
+    standard deviation (both in [0, 1] units). numpy or jax arrays alike, in the dtype given."""
+    return (images / 255.0 - mean) / std
+
+
 class _LayerNet(nn.Module):
     """Runs `spatial_layers()` in order. Input: uint8 or float NHWC images in [0, 255]; output: logits.
 
@@ -90,7 +96,7 @@ class _LayerNet(nn.Module):
         dtype = COMPUTE_DTYPES[c.precision]  # parameters stay float32 (Flax's param_dtype)
         impl = layers.LAYER_SETS[self.layer_set]
         norm = norm_layer(c.norm, train=train, groups=c.groups, dtype=dtype, group_norm=impl.group_norm)
-        x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
+        x = normalise_input(x.astype(jnp.float32), jnp.asarray(self.input_mean), jnp.asarray(self.input_std))
         x = x.astype(dtype)
         for layer in self.spatial_layers():
             if layer.kind in ("block", "conv"):
@@ -163,8 +169,8 @@ def whitening_kernel(images: np.ndarray, input_mean, input_std, kernel: int, fea
     """A (kernel, kernel, C, features) conv kernel that whitens the images' kernel x kernel patches, as
     airbench's first layer: the top features/2 eigenvectors of the patch covariance, each divided by the
     square root of its eigenvalue (+ eps), and their negatives (a ReLU follows, which would keep only
-    one sign of each). `images`: (N, H, W, C) in [0, 255], normalised here as the model normalises them."""
-    x = (images.astype(np.float64) / 255.0 - np.asarray(input_mean)) / np.asarray(input_std)
+    one sign of each). `images`: (N, H, W, C) in [0, 255], normalised as the model's input is."""
+    x = normalise_input(images.astype(np.float64), np.asarray(input_mean), np.asarray(input_std))
     dim = kernel * kernel * x.shape[-1]
     moments, count = np.zeros((dim, dim)), 0
     for chunk in np.array_split(x, -(-len(x) // 500)):  # (n, H', W', C, k, k) -> (n H' W', k k C)

@@ -22,7 +22,7 @@ from pathlib import Path
 from jaxnorm.cli import OneLineParser, add_config_options, command_line, config_from_args, run_main
 from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
-from jaxnorm.evaluate import restore_run, run_report, write_run_report
+from jaxnorm.evaluate import run_report
 from jaxnorm.runlock import RunLock
 from jaxnorm.study import dataset_name, report_command, run_variant, train_or_reuse, write_study
 
@@ -65,9 +65,7 @@ def main(argv=None):
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             # The report is written into the run folder: not while another process trains it.
             with RunLock(workdir):
-                record = (write_run_report(restore_run(workdir), dataset) if args.reevaluate else
-                          run_report(workdir, dataset))
-                records.setdefault(norm, []).append(record)
+                records.setdefault(norm, []).append(run_report(workdir, dataset, reuse=not args.reevaluate))
         shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
     path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,
