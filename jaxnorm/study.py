@@ -36,6 +36,13 @@ def run_variant(config: Config) -> str:
     return "".join(f"-{suffix}" for _, suffix in variants(config))
 
 
+def shared_variant(configs: Sequence[Config]) -> str:
+    """The part of `run_variant` that every config in `configs` has: the suffix of a study's report files,
+    while each run folder carries its own norm's whole variant (a norm's own defaults may add one)."""
+    suffixes = [{suffix for _, suffix in variants(c)} for c in configs]
+    return "".join(f"-{suffix}" for _, suffix in variants(configs[0]) if all(suffix in s for s in suffixes))
+
+
 # Options that change how a report is made, not what it says: left out of its "produced by" command.
 PRESENTATION_ONLY = ("--no-progress", "--reevaluate", "--report-only")
 
@@ -171,7 +178,8 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     configs = {r["norm"]: Config.from_dict(records[r["norm"]][0]["config"]) for r in rows}
     config = configs[rows[0]["norm"]]
     split = config.evaluation_set  # "test", or "validation" with --train-split
-    extras = variant_parts(config)
+    extras = [part for part in variant_parts(config)  # in the title: what every norm's network has
+              if all(part in variant_parts(c) for c in configs.values())]
     seeds = rows[0]["seeds"]
     data = describe_data(dataset_key, dataset)
     names = {norm: network_name(c) for norm, c in configs.items()}

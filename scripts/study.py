@@ -24,7 +24,14 @@ from jaxnorm.config import NORMS
 from jaxnorm.data import load_dataset
 from jaxnorm.evaluate import run_report
 from jaxnorm.runlock import RunLock
-from jaxnorm.study import dataset_name, report_command, run_variant, train_or_reuse, write_study
+from jaxnorm.study import (
+    dataset_name,
+    report_command,
+    run_variant,
+    shared_variant,
+    train_or_reuse,
+    write_study,
+)
 
 
 def parse_args(argv=None):
@@ -49,7 +56,8 @@ def main(argv=None):
     # Each norm's config: the options given, over its own defaults (config.NORM_DEFAULTS).
     configs = {norm: config_from_args(args, norm=norm) for norm in args.norms}
     base = configs[args.norms[0]]
-    variant = run_variant(base)
+    # The report's files carry the variant all norms share (over every norm, so --norms renames nothing).
+    variant = shared_variant([config_from_args(args, norm=norm) for norm in NORMS])
 
     dataset = load_dataset(base.dataset, base.data_dir, train_split=base.train_split)
     name = dataset_name(base.dataset, dataset)
@@ -61,12 +69,13 @@ def main(argv=None):
     for norm in args.norms:
         for seed in args.seeds:
             config = configs[norm].replace(seed=seed)
-            workdir = runs_root / f"{norm}{variant}-s{seed}"
+            workdir = runs_root / f"{norm}{run_variant(config)}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             # The report is written into the run folder: not while another process trains it.
             with RunLock(workdir):
                 records.setdefault(norm, []).append(run_report(workdir, dataset, reuse=not args.reevaluate))
-        shutil.copyfile(runs_root / f"{norm}{variant}-s{args.seeds[0]}" / "misclassified.png",
+        first_run = runs_root / f"{norm}{run_variant(configs[norm])}-s{args.seeds[0]}"
+        shutil.copyfile(first_run / "misclassified.png",
                         out / f"misclassified-{norm}{variant}.png")
     path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,
                        command=report_command(__file__, sys.argv[1:]))

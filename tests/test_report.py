@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import Config
@@ -313,6 +313,34 @@ def test_each_variant_gets_its_own_run_folders():
     assert suffixes[0] == "" and len(set(suffixes)) == len(suffixes), suffixes
     assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05" and suffixes[5] == "-relu-first"
     assert suffixes[6] == "-whitened" and suffixes[7] == "-whitened-frozen"
+
+
+def test_the_report_files_carry_only_the_variant_every_norm_shares():
+    from jaxnorm.study import shared_variant
+
+    assert shared_variant([Config(l1=1e-5), Config(norm="ln", l1=1e-5, first_conv="whitened")]) == "-l1_1e-05"
+    assert shared_variant([Config(relu_before_norm=True), Config(norm="gn", relu_before_norm=True)]) == (
+        "-relu-first")
+    assert shared_variant([Config(), Config(norm="ln", first_conv="whitened")]) == ""
+
+
+def test_a_norm_whose_own_defaults_add_a_variant_trains_in_its_own_run_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    from jaxnorm import config as config_module
+    monkeypatch.setitem(config_module.NORM_DEFAULTS, ("synthetic", "ln"), {"first_conv": "whitened"})
+    spec = importlib.util.spec_from_file_location("study_script", ROOT / "scripts" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    study.main(["--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--norms", "bn", "ln",
+                "--preset", "narrow", "--batch-size", "128", "--runs", str(runs), "--out", str(out),
+                "--no-progress"])
+    assert sorted(p.name for p in runs.iterdir()) == ["bn-s0", "ln-whitened-s0"]
+    text = (out / "study.md").read_text()  # the report keeps the study's name; ln's recipe says why
+    assert text.startswith("# Normalisation study\n") and "- LayerNorm (`ln`): " in text
+    assert "whitened first conv" in text.split("- LayerNorm (`ln`): ")[1].split("\n")[0]
+    assert (out / "misclassified-ln.png").is_file() and not (out / "study-whitened.md").exists()
 
 
 def test_receptive_field_covers_the_mnist_net_and_matches_its_shapes():
