@@ -43,6 +43,7 @@ DATASET_DEFAULTS = {"mnist": {"epochs": 15, "batch_size": 64, "groups": 2, "flip
 NORM_DEFAULTS: dict[tuple[str, str], dict] = {
     ("cifar10", "gn"): {"label_smoothing": 0.1},
     ("cifar10", "ln"): {"label_smoothing": 0.2},
+    ("mnist", "ln"): {"first_conv": "whitened"},
 }
 
 # (3x3 conv width, 1x1 transition width) of the CIFAR-10 network; every preset stays under 50,000.
