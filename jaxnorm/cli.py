@@ -115,12 +115,14 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default {show(f.default)}" + (f"; {others})" if others else ")")
 
 
-def config_from_args(args: argparse.Namespace, **fixed) -> Config:
-    """The Config of the given options (and `fixed` values) over the dataset's defaults, validated."""
+def config_from_args(args: argparse.Namespace, *, validate: bool = True, **fixed) -> Config:
+    """The Config of the given options (and `fixed` values) over the dataset's defaults, validated
+    unless `validate` is False (a config only looked at, never trained)."""
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if getattr(args, "preset", None) is not None:  # explicit --width / --transition-width win
         width, transition = WIDTH_PRESETS[args.preset]
         values = {"width": width, "transition_width": transition, **values}
     values.update(fixed)
-    return Config.for_dataset(values.pop("dataset", "cifar10"), **values).validate()
+    config = Config.for_dataset(values.pop("dataset", "cifar10"), **values)
+    return config.validate() if validate else config
