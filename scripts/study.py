@@ -76,8 +76,7 @@ def main(argv=None):
             with RunLock(workdir):
                 records.setdefault(norm, []).append(run_report(workdir, dataset, reuse=not args.reevaluate))
         first_run = runs_root / f"{norm}{run_variant(configs[norm])}-s{args.seeds[0]}"
-        shutil.copyfile(first_run / "misclassified.png",
-                        out / f"misclassified-{norm}{variant}.png")
+        shutil.copyfile(first_run / "misclassified.png", out / f"misclassified-{norm}{variant}.png")
     path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,
                        command=report_command(__file__, sys.argv[1:]))
     print(f"wrote {path}")
