@@ -285,7 +285,7 @@ def test_a_study_of_norms_with_their_own_recipes_gives_each_recipe(tmp_path, mon
     assert titles[-1].endswith(" | 10,224 parameters")  # one parameter count: the curves' title gives it
     assert text.index("- LayerNorm") < text.index("| norm |")  # the key comes before the table
     # One recipe for all: a single line, no per-norm list.
-    records["ln"][0]["config"] = Config.for_dataset("mnist", norm="ln").to_dict()
+    records["ln"][0]["config"] = Config.for_dataset("mnist").replace(norm="ln").to_dict()
     text = write_study(records, data, tmp_path, dataset_key="mnist").read_text()
     assert "own recipe" not in text and "- BatchNorm" not in text and configs["bn"].recipe() in text
     assert "GroupNorm in" not in text  # no GroupNorm run: no group count
