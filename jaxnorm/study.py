@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from jaxnorm.checkpoint import CheckpointError
 from jaxnorm.config import IDENTITY, NORM_NAMES, RECIPE, Config, ConfigError
 from jaxnorm.data import TFDS_SOURCES, Dataset
-from jaxnorm.evaluate import network_name, network_variants, reading_checkpoints, variant_parts, variants
+from jaxnorm.evaluate import network_name, network_variants, reading_checkpoints, variants
 from jaxnorm.figures import plot_curves
 from jaxnorm.train import train_and_evaluate
 
@@ -36,11 +36,16 @@ def run_variant(config: Config) -> str:
     return "".join(f"-{suffix}" for _, suffix in variants(config))
 
 
-def shared_variant(configs: Sequence[Config]) -> str:
+def shared_variants(configs: Iterable[Config]) -> list[tuple[str, str]]:
+    """(label, folder suffix) of each variant that every config in `configs` has, in `variants`' order."""
+    each = [variants(c) for c in configs]
+    return [v for v in each[0] if all(v in other for other in each[1:])]
+
+
+def shared_variant(configs: Iterable[Config]) -> str:
     """The part of `run_variant` that every config in `configs` has: the suffix of a study's report files,
     while each run folder carries its own norm's whole variant (a norm's own defaults may add one)."""
-    suffixes = [{suffix for _, suffix in variants(c)} for c in configs]
-    return "".join(f"-{suffix}" for _, suffix in variants(configs[0]) if all(suffix in s for s in suffixes))
+    return "".join(f"-{suffix}" for _, suffix in shared_variants(configs))
 
 
 # Options that change how a report is made, not what it says: left out of its "produced by" command.
@@ -178,8 +183,7 @@ def write_study(records: dict[str, list[dict]], dataset: Dataset, out: Path, *, 
     configs = {r["norm"]: Config.from_dict(records[r["norm"]][0]["config"]) for r in rows}
     config = configs[rows[0]["norm"]]
     split = config.evaluation_set  # "test", or "validation" with --train-split
-    extras = [part for part in variant_parts(config)  # in the title: what every norm's network has
-              if all(part in variant_parts(c) for c in configs.values())]
+    extras = [label for label, _ in shared_variants(configs.values())]  # the title: what all runs have
     seeds = rows[0]["seeds"]
     data = describe_data(dataset_key, dataset)
     names = {norm: network_name(c) for norm, c in configs.items()}

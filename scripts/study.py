@@ -68,15 +68,14 @@ def main(argv=None):
 
     records = {}  # norm -> [evaluation record per seed]
     for norm in args.norms:
-        for seed in args.seeds:
+        workdirs = [runs_root / f"{norm}{run_variant(configs[norm])}-s{seed}" for seed in args.seeds]
+        for seed, workdir in zip(args.seeds, workdirs, strict=True):
             config = configs[norm].replace(seed=seed)
-            workdir = runs_root / f"{norm}{run_variant(config)}-s{seed}"
             train_or_reuse(config, workdir, dataset, progress=not args.no_progress)
             # The report is written into the run folder: not while another process trains it.
             with RunLock(workdir):
                 records.setdefault(norm, []).append(run_report(workdir, dataset, reuse=not args.reevaluate))
-        first_run = runs_root / f"{norm}{run_variant(configs[norm])}-s{args.seeds[0]}"
-        shutil.copyfile(first_run / "misclassified.png", out / f"misclassified-{norm}{variant}.png")
+        shutil.copyfile(workdirs[0] / "misclassified.png", out / f"misclassified-{norm}{variant}.png")
     path = write_study(records, dataset, out, dataset_key=base.dataset, variant=variant,
                        command=report_command(__file__, sys.argv[1:]))
     print(f"wrote {path}")
