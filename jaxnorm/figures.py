@@ -59,11 +59,16 @@ def misclassified_grid(images: np.ndarray, chosen: Sequence[dict], class_names: 
     return fig
 
 
+def _chars_across(inches: float, fontsize: float) -> int:
+    """How many characters of text at `fontsize` fit across `inches`."""
+    return int(inches * 72 / (0.62 * fontsize))  # DejaVu Sans averages under 0.62 em a glyph
+
+
 def _wrapped(title: str, fig: Figure, fontsize: float) -> str:
     """`title` with every line wrapped to the figure's width, so no part of it falls outside. A line
     too long breaks at its " | " separators first, so a phrase ("(weight average, step 7020)") stays
     whole; only a part too long by itself (a path) wraps inside."""
-    chars = int(fig.get_figwidth() * 72 / (0.62 * fontsize))  # DejaVu Sans averages under 0.62 em a glyph
+    chars = _chars_across(fig.get_figwidth(), fontsize)
     lines = []
     for line in title.splitlines():
         parts = line.split(" | ")
@@ -111,7 +116,10 @@ def plot_curves(runs: Mapping[str, tuple[Config, Sequence[list[dict]]]], path: s
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # A long label (a network with several variants) wraps to the panel, less the line sample.
+        chars = _chars_across(fig.get_figwidth() * ax.get_position().width - 0.6, 8)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, [textwrap.fill(label, chars) for label in labels], fontsize=8)
     fig.suptitle(_wrapped(title, fig, 10), fontsize=10)
     fig.savefig(path, dpi=100)
     return fig

@@ -472,6 +472,22 @@ def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):
 
 
 
+def test_curves_legend_of_a_long_network_name_stays_inside_the_figure(tmp_path):
+    from jaxnorm.evaluate import network_name
+
+    history = [{"train_loss": 2.0 / e, "test_loss": 1.5 / e, "train_accuracy": 0.8 - 0.4 / e,
+                "test_accuracy": 0.78 - 0.3 / e} for e in range(1, 21)]
+    config = Config(norm="gn", relu_before_norm=True, first_conv="whitened", label_smoothing=0.1)
+    fig = plot_curves({network_name(config): (config, [history])}, tmp_path / "c.png",
+                      evaluation_set="validation")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        box = ax.get_legend().get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.get_figwidth() * fig.dpi, box
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert all(text.replace("\n", " ").startswith(network_name(config)) for text in texts), texts
+
+
 def test_prediction_dispatches_its_batches_through_the_queue_limit(trained_run, monkeypatch):
     # All test batches queued at once deadlocked a study's evaluation on two CPU devices, as a whole
     # epoch did in training: predict's batches go through parallel.limit_in_flight (tested with
