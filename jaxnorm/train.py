@@ -407,7 +407,9 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_requests, progress: bool) -> 
     if jax.process_index() == 0:  # one writer in a multi-host job; Orbax coordinates checkpoints
         with run.checkpoints.saving(int(run.state.step)):  # a full disk: one line, as for the checkpoint
             write_json(run.workdir / "metrics.json", run.history)
-    tqdm.write(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
+    # The lr from the epoch's first step to its last (epoch 1 of a warm-up starts at 0).
+    lr_range = f"{record['lr']:.4g} -> {float(run.schedule(epoch * steps + steps - 1)):.4g}"
+    tqdm.write(f"epoch {epoch + 1:3d} | lr {lr_range} | train loss {record['train_loss']:.4f} "
                f"acc {record['train_accuracy']:.2%} | {config.evaluation_set} loss {record['test_loss']:.4f} "
                f"acc {record['test_accuracy']:.2%} | {record['images_per_second']:.0f} img/s "
                f"| {seconds:.1f}s")

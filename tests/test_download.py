@@ -181,7 +181,7 @@ def test_the_readme_first_command_downloads_trains_and_evaluates(server, tmp_pat
     result = run_script("train.py", "--norm", "gn", "--groups", "4", "--epochs", "1", "--preset", "narrow",
                         "--workdir", tmp_path / "run", "--no-progress", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "epoch   1 |" in result.stdout
+    assert "epoch   1 | lr 0 -> 0.09" in result.stdout  # the lr over the epoch: the warm-up, from 0
     downloads = tmp_path / "tfds" / "jaxnorm-downloads"
     assert f"5085 train / 1017 test images from {downloads}" in result.stdout
     last = result.stdout.strip().splitlines()[-1]
