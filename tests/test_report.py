@@ -471,7 +471,6 @@ def test_curves_title_with_a_long_path_is_wrapped_not_cut(tmp_path):
     assert "bn validation" in [line.get_label() for line in fig.axes[1].get_lines()]
 
 
-
 def test_curves_legend_of_a_long_network_name_stays_inside_the_figure(tmp_path):
     from jaxnorm.evaluate import network_name
 
