@@ -71,31 +71,31 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
     tried = []  # the moments at which a SIGKILL landed on a running process
     # A process that ends before its kill lands has finished the run: that run is checked like the last
     # one, and the next kill goes to a new run, so that a fast machine cannot run out of kills.
-    victims = [tmp_path / "victim-0"]
+    finished, victim = [], tmp_path / "victim-0"
     try:
         for attempt in range(12):  # until 6 kills landed
             if len(tried) == 6:
                 break
-            moment, victim = ("save", "random")[attempt % 2], victims[-1]
+            moment = ("save", "random")[attempt % 2]
             process = _start(victim, cache, *LONGER, *(["--resume"] if victim.exists() else []))
             if moment == "save":  # the moment Orbax's temporary folder of an asynchronous save exists
                 landed = _kill_when(process, functools.partial(_saving, victim))
             else:  # a random moment after the process has taken the run folder
                 landed = _kill_when(process, _after_taking(victim, process, rng.uniform(0, 4)))
             if not landed:
-                victims.append(tmp_path / f"victim-{len(victims)}")
+                finished.append(victim)
+                victim = tmp_path / f"victim-{len(finished)}"
                 continue
             tried.append(moment)
             if (victim / "ckpt").is_dir():
                 checkpoints = RunCheckpoints(victim, read_only=True)
                 if checkpoints.latest_step() is not None:
                     checkpoints.require_latest_step()  # a usable folder each time
-        if victims[-1].exists():
-            final = _start(victims[-1], cache, *LONGER, "--resume")
+        if victim.exists():  # the last run, killed: finished by one more resume
+            final = _start(victim, cache, *LONGER, "--resume")
             out, err = final.communicate(timeout=300)
             assert final.returncode == 0, err
-        else:
-            victims.pop()
+            finished.append(victim)
         ref_out, ref_err = ref.communicate(timeout=300)
         assert ref.returncode == 0, ref_err
     finally:
@@ -103,10 +103,10 @@ def test_random_sigkills_including_during_saves_then_resume_match_an_uninterrupt
             if p.poll() is None:
                 p.kill()
     print(f"\nSIGKILLs survived: {len(tried)} of {len(tried)} tried ({', '.join(tried)}), "
-          f"over {len(victims)} run(s)")
+          f"over {len(finished)} run(s)")
     assert tried.count("save") >= 1 and len(tried) >= 4, tried  # some kills landed during a save
-    for victim in victims:
-        assert _metrics(victim) == _metrics(reference), victim.name
+    for run in finished:
+        assert _metrics(run) == _metrics(reference), run.name
 
 
 def _free_port():
