@@ -28,6 +28,7 @@ SCHEDULES = ("step", "linear", "cosine")
 DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 PRECISIONS = ("f32", "bf16")
 FIRST_CONVS = ("random", "whitened", "whitened-frozen")
+ACTIVATIONS = ("relu", "gelu")
 
 # Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the reference
 # implementations' 15 epochs, batch 64 and lr 0.05, with the CIFAR-10 schedule and no dropout (chosen
@@ -122,7 +123,10 @@ class Config:
     dropout: float = knob(0.0, "dropout rate; whole channels in the MNIST net")
     skip: bool = knob(False, "residual connections around the 3x3 convs of each block", role=IDENTITY)
     relu_before_norm: bool = knob(False, "order each block conv -> ReLU -> norm instead of conv -> norm -> "
-                                  "ReLU; no parameters added", role=IDENTITY)
+                                  "ReLU (the --activation, whichever it is); no parameters added",
+                                  role=IDENTITY)
+    activation: str = knob("relu", "the activation of every block: relu, or gelu (its tanh approximation, "
+                           "as airbench uses); no parameters added", role=IDENTITY, choices=ACTIVATIONS)
     weight_standardization: bool = knob(
         False, "standardise the kernel of every conv that feeds a norm layer (per output channel: zero mean, "
         "unit variance; Qiao et al. 2019); no parameters added", role=IDENTITY)

@@ -273,10 +273,12 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
 
 def network_variants(config: Config) -> list[tuple[str, str]]:
     """(label, folder suffix) of the variants that change the network's layers, which the recipe line
-    does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first")]."""
+    does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first"),
+    ("GELU", "gelu")]."""
     return [(label, suffix) for on, label, suffix in (
         (config.skip, "skip connections", "skip"),
-        (config.relu_before_norm, "ReLU before the norm", "relu-first")) if on]
+        (config.relu_before_norm, "ReLU before the norm", "relu-first"),
+        (config.activation != "relu", config.activation.upper(), config.activation)) if on]
 
 
 def variants(config: Config) -> list[tuple[str, str]]:

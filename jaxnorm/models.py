@@ -32,6 +32,8 @@ from jaxnorm.networks import Layer, cifar_cnn, mnist_net
 
 # --precision: the dtype of convolutions and activations.
 COMPUTE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+# --activation; nn.gelu is the tanh approximation by default.
+ACTIVATION_FUNCTIONS = {"relu": nn.relu, "gelu": nn.gelu}
 
 
 def norm_layer(norm: str, *, train: bool, groups: int = 8, dtype=jnp.float32,
@@ -108,7 +110,8 @@ class _LayerNet(nn.Module):
                          name=layer.name)(x)
                 if layer.kind == "block":
                     block_norm = norm(name=f"{layer.name}_norm")
-                    y = block_norm(nn.relu(y)) if c.relu_before_norm else nn.relu(block_norm(y))
+                    activation = ACTIVATION_FUNCTIONS[c.activation]
+                    y = block_norm(activation(y)) if c.relu_before_norm else activation(block_norm(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),
                                    deterministic=not train)(y)
                     if c.skip and x.shape == y.shape:

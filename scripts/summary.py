@@ -11,7 +11,7 @@ from jaxnorm.config import ConfigError
 from jaxnorm.models import build_model, model_summary
 from jaxnorm.networks import format_receptive_field, receptive_field
 
-MODEL_FIELDS = ("norm", "groups", "width", "transition_width", "skip", "relu_before_norm",
+MODEL_FIELDS = ("norm", "groups", "width", "transition_width", "skip", "relu_before_norm", "activation",
                 "weight_standardization", "dataset")
 
 
