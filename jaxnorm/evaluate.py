@@ -273,12 +273,14 @@ def format_metrics(metrics: dict, class_names: Sequence[str], title: str = "test
 
 def network_variants(config: Config) -> list[tuple[str, str]]:
     """(label, folder suffix) of the variants that change the network's layers, which the recipe line
-    does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first"),
-    ("GELU", "gelu")]."""
+    does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first"), ("GELU", "gelu")]
+    ("activation before the norm" with GELU)."""
+    activation = {"relu": "ReLU", "gelu": "GELU"}[config.activation]
+    first = f"{activation if config.activation == 'relu' else 'activation'} before the norm"
     return [(label, suffix) for on, label, suffix in (
         (config.skip, "skip connections", "skip"),
-        (config.relu_before_norm, "ReLU before the norm", "relu-first"),
-        (config.activation != "relu", config.activation.upper(), config.activation)) if on]
+        (config.relu_before_norm, first, "relu-first"),
+        (config.activation != "relu", activation, config.activation)) if on]
 
 
 def variants(config: Config) -> list[tuple[str, str]]:

@@ -50,6 +50,33 @@ def test_relu_before_norm_reorders_each_block_with_the_same_parameters(norm):
     assert not np.allclose(plain_logits, relu_first_logits)
 
 
+@pytest.mark.parametrize("relu_before_norm", [False, True])
+def test_gelu_replaces_every_relu_with_the_same_parameters(relu_before_norm):
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), maxval=255)
+    relu = build_model(Config(norm="gn", relu_before_norm=relu_before_norm))
+    gelu = build_model(Config(norm="gn", relu_before_norm=relu_before_norm, activation="gelu"))
+    variables = init_variables(relu, (32, 32, 3))
+    assert jax.tree_util.tree_structure(init_variables(gelu, (32, 32, 3))) == \
+        jax.tree_util.tree_structure(variables)
+
+    def blocks(model):  # what every block hands on (its dropout is the identity at rate 0)
+        _, state = model.apply(variables, x, mutable=["intermediates"],
+                               capture_intermediates=lambda m, _: (m.name or "").startswith("Dropout"))
+        return [v["__call__"][0] for v in state["intermediates"].values()]
+
+    relu_blocks, gelu_blocks = blocks(relu), blocks(gelu)
+    assert len(gelu_blocks) == 8  # C1 C2 C3 C4 C5 C7 C8 C9
+    if not relu_before_norm:  # each block ends at its activation: ReLU is never negative, GELU down to -0.17
+        assert all(float(b.min()) == 0.0 for b in relu_blocks)
+        assert all(-0.18 < float(b.min()) < 0.0 for b in gelu_blocks)
+    assert not np.allclose(relu.apply(variables, x), gelu.apply(variables, x))
+
+
+def test_an_unknown_activation_is_refused():
+    with pytest.raises(ConfigError, match="unknown activation 'swish'"):
+        Config(activation="swish").validate()
+
+
 @pytest.mark.parametrize("layer_set", ["cpu", "flax"])
 def test_weight_standardization_is_the_plain_network_on_standardised_block_kernels(layer_set):
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), maxval=255)

@@ -301,6 +301,9 @@ def test_titles_name_the_variant():
     assert (network_name(Config(norm="gn", weight_standardization=True))
             == "GroupNorm (8 groups) + weight standardisation")
     assert network_name(Config(norm="ln", relu_before_norm=True)) == "LayerNorm + ReLU before the norm"
+    assert network_name(Config(activation="gelu")) == "BatchNorm + GELU"
+    assert (network_name(Config(norm="ln", relu_before_norm=True, activation="gelu"))
+            == "LayerNorm + activation before the norm + GELU")
 
 
 def test_each_variant_gets_its_own_run_folders():
@@ -308,11 +311,13 @@ def test_each_variant_gets_its_own_run_folders():
 
     variants = [Config(), Config(skip=True), Config(weight_standardization=True), Config(l1=1e-5),
                 Config(skip=True, weight_standardization=True), Config(relu_before_norm=True),
-                Config(first_conv="whitened"), Config(first_conv="whitened-frozen")]
+                Config(first_conv="whitened"), Config(first_conv="whitened-frozen"),
+                Config(activation="gelu"), Config(relu_before_norm=True, activation="gelu")]
     suffixes = [run_variant(config) for config in variants]
     assert suffixes[0] == "" and len(set(suffixes)) == len(suffixes), suffixes
     assert suffixes[2] == "-ws" and suffixes[3] == "-l1_1e-05" and suffixes[5] == "-relu-first"
     assert suffixes[6] == "-whitened" and suffixes[7] == "-whitened-frozen"
+    assert suffixes[8] == "-gelu" and suffixes[9] == "-relu-first-gelu"
 
 
 def test_the_report_files_carry_only_the_variant_every_norm_shares():
