@@ -2,8 +2,8 @@
 name and injected, and the layers chosen once for the platform; and the model summary table.
 
 CifarCNN (CIFAR-10): 3x3 convs without bias, each followed by norm, ReLU and dropout (ReLU first with
---relu-before-norm); 1x1 transitions before 2x2 max pooling; global average pooling and a 1x1 conv to
-the logits. 34,872 parameters.
+--relu-before-norm, GELU with --activation gelu); 1x1 transitions before 2x2 max pooling; global average
+pooling and a 1x1 conv to the logits. 34,872 parameters.
 
 MnistNet (MNIST): convs with bias, each but the last followed by norm, ReLU and channel dropout (whole
 feature maps dropped). LayerNorm keeps a per-channel scale and bias, so the count is 10,224 for bn, gn

@@ -4,7 +4,7 @@ the receptive-field table. No JAX here, so the config can use it without buildin
 
 Layer kinds:
   block     conv -> norm -> ReLU -> dropout (+ the input, with --skip, where the shapes allow; ReLU before
-            the norm with --relu-before-norm)
+            the norm with --relu-before-norm; GELU instead of ReLU with --activation gelu)
   conv      a conv alone (the 1x1 transitions and the classifier)
   max_pool  kernel x kernel max pooling with stride `stride`
   avg_pool  global average pooling (kernel None: the whole map)
