@@ -98,6 +98,7 @@ class _LayerNet(nn.Module):
         dtype = COMPUTE_DTYPES[c.precision]  # parameters stay float32 (Flax's param_dtype)
         impl = layers.LAYER_SETS[self.layer_set]
         norm = norm_layer(c.norm, train=train, groups=c.groups, dtype=dtype, group_norm=impl.group_norm)
+        activation = ACTIVATION_FUNCTIONS[c.activation]
         x = normalise_input(x.astype(jnp.float32), jnp.asarray(self.input_mean), jnp.asarray(self.input_std))
         x = x.astype(dtype)
         for layer in self.spatial_layers():
@@ -110,7 +111,6 @@ class _LayerNet(nn.Module):
                          name=layer.name)(x)
                 if layer.kind == "block":
                     block_norm = norm(name=f"{layer.name}_norm")
-                    activation = ACTIVATION_FUNCTIONS[c.activation]
                     y = block_norm(activation(y)) if c.relu_before_norm else activation(block_norm(y))
                     y = nn.Dropout(c.dropout, broadcast_dims=(1, 2) if self.channel_dropout else (),
                                    deterministic=not train)(y)
