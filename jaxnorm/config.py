@@ -28,7 +28,8 @@ SCHEDULES = ("step", "linear", "cosine")
 DATASETS = ("cifar10", "mnist", "folder", "synthetic")  # folder: train/<class>/*, test/<class>/* images
 PRECISIONS = ("f32", "bf16")
 FIRST_CONVS = ("random", "whitened", "whitened-frozen")
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATION_NAMES = {"relu": "ReLU", "gelu": "GELU"}  # --activation -> its name in titles and reports
+ACTIVATIONS = tuple(ACTIVATION_NAMES)
 
 # Where a dataset's recipe differs from the CIFAR-10 defaults of `Config`. MNIST: the reference
 # implementations' 15 epochs, batch 64 and lr 0.05, with the CIFAR-10 schedule and no dropout (chosen

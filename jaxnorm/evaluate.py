@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxnorm import parallel
 from jaxnorm.checkpoint import CheckpointError, RunCheckpoints, abstract_like
-from jaxnorm.config import NORM_NAMES, Config
+from jaxnorm.config import ACTIVATION_NAMES, NORM_NAMES, Config
 from jaxnorm.data import DataError, Dataset, first_train_images, load_dataset
 from jaxnorm.figures import misclassified_grid, plot_curves
 from jaxnorm.models import build_model
@@ -275,7 +275,7 @@ def network_variants(config: Config) -> list[tuple[str, str]]:
     """(label, folder suffix) of the variants that change the network's layers, which the recipe line
     does not name: [("skip connections", "skip"), ("ReLU before the norm", "relu-first"), ("GELU", "gelu")]
     ("activation before the norm" with GELU)."""
-    activation = {"relu": "ReLU", "gelu": "GELU"}[config.activation]
+    activation = ACTIVATION_NAMES[config.activation]
     first = f"{activation if config.activation == 'relu' else 'activation'} before the norm"
     return [(label, suffix) for on, label, suffix in (
         (config.skip, "skip connections", "skip"),
