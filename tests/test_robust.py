@@ -331,7 +331,8 @@ def test_resume_with_another_batch_size_is_refused(straight, tiny_data, one_epoc
 # 32 steps per epoch. The victims are stopped once epoch 1's checkpoint is on disk. The save finishes in
 # the background, and a whole epoch takes half a second here, so three epochs must remain: with one, a
 # loaded machine finished the run before the SIGINT arrived (exit 0).
-SIGNAL_RUN = [*TINY, "--epochs", "4", "--seed", "3"]
+SIGNAL_EPOCHS = 4
+SIGNAL_RUN = [*TINY, "--epochs", str(SIGNAL_EPOCHS), "--seed", "3"]
 
 
 def _start(workdir, cache, *extra):
@@ -391,7 +392,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(signal_runs):
     assert code == 0, err
     assert "resumed" in out
     reference = _metrics(signal_runs["runs"]["reference"])
-    assert len(reference) == 4 and _metrics(signal_runs["runs"]["killed"]) == reference
+    assert len(reference) == SIGNAL_EPOCHS and _metrics(signal_runs["runs"]["killed"]) == reference
 
 
 def test_sigint_saves_prints_the_resume_command_and_resume_matches(signal_runs):
