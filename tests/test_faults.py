@@ -205,7 +205,8 @@ def test_readers_fall_back_past_a_bad_latest_checkpoint_and_resume_continues(
     # The same steps, and the same losses up to float32 rounding (a restored state's first compiled
     # call may sum in another order).
     got, want = without_timing(resumed["history"]), without_timing(reference["history"])
-    assert got == [pytest.approx(w, rel=1e-6) for w in want]
+    assert got == [{k: pytest.approx(v, rel=1e-6) if isinstance(v, float) else v for k, v in w.items()}
+                   for w in want]  # numbers within float32 rounding, the rest (e.g. the device) exactly
     assert (run_copy / "unreadable" / "8" / "state").is_dir()
 
 
